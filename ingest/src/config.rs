@@ -1,0 +1,156 @@
+//! Command line and environment configuration of `ingest`.
+//!
+//! Every option is a flag with an environment fallback; `ingest --help` and
+//! `ingest serve --help` list them, and `.env.example` shows a working set.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+use shared::config::{NatsArgs, TelemetryArgs, parse_secret};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ingest",
+    version,
+    about = "Unipile webhooks in, PostgreSQL + outbox, events out on NATS JetStream; REST read API.",
+    long_about = "Unipile webhooks in, PostgreSQL + outbox, events out on NATS JetStream; REST read API.\n\n\
+                  Without a subcommand, `ingest` runs `serve`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+impl Cli {
+    /// Parses the process arguments, treating a bare `ingest [flags]` as `ingest serve [flags]`.
+    pub fn parse_with_default() -> Self {
+        let args: Vec<String> = std::env::args().collect();
+        let has_subcommand = args.get(1).is_some_and(|a| !a.starts_with('-'));
+        let asks_top_level = args.iter().skip(1).any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"));
+        if has_subcommand || asks_top_level {
+            Self::parse()
+        } else {
+            let mut with_serve = vec![args[0].clone(), "serve".to_owned()];
+            with_serve.extend(args.into_iter().skip(1));
+            Self::parse_from(with_serve)
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service: webhooks, outbox relay, REST API (the default).
+    Serve(Box<ServeConfig>),
+}
+
+/// Where PostgreSQL is and how many connections to hold.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: SecretString,
+    /// Most connections in the pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+    /// How long a request waits for a database connection before answering 503.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 3000)]
+    pub database_acquire_timeout_ms: u64,
+}
+
+/// How the relay reaches Unipile's API.
+#[derive(Debug, Clone, Args)]
+pub struct UnipileArgs {
+    /// Unipile API host as Unipile shows it (`apiN.unipile.com:PORT`, https assumed) or a
+    /// full base URL with scheme (`http://127.0.0.1:9000`).
+    #[arg(long, env = "UNIPILE_DSN")]
+    pub unipile_dsn: Option<String>,
+    /// Unipile API key, sent as X-API-KEY.
+    #[arg(long, env = "UNIPILE_API_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub unipile_api_key: Option<SecretString>,
+}
+
+/// Group commit of webhook writes.
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// Most deliveries committed in one transaction.
+    #[arg(long, env = "BATCH_MAX_SIZE", default_value_t = 256)]
+    pub batch_max_size: usize,
+    /// Writers committing batches in parallel.
+    #[arg(long, env = "BATCH_WORKERS", default_value_t = 4)]
+    pub batch_workers: usize,
+    /// How long a writer waits for more deliveries after the first one, in
+    /// microseconds. 0 = commit what is queued at once; batches still form under load
+    /// because deliveries queue while the previous commit runs.
+    #[arg(long, env = "BATCH_WINDOW_US", default_value_t = 0)]
+    pub batch_window_us: u64,
+    /// Deliveries waiting for a writer; beyond it, webhooks get 503.
+    #[arg(long, env = "BATCH_QUEUE", default_value_t = 4096)]
+    pub batch_queue: usize,
+}
+
+impl BatchArgs {
+    pub fn window(&self) -> Duration {
+        Duration::from_micros(self.batch_window_us)
+    }
+}
+
+/// The outbox relay and the JetStream stream it publishes to.
+#[derive(Debug, Clone, Args)]
+pub struct OutboxArgs {
+    /// How often the sweeper looks for events a crash or an outage left unpublished.
+    #[arg(long, env = "OUTBOX_SWEEP_MS", default_value_t = 1000)]
+    pub outbox_sweep_ms: u64,
+    /// Most events published per round trip.
+    #[arg(long, env = "OUTBOX_BATCH", default_value_t = 512)]
+    pub outbox_batch: i64,
+    /// How long a publish waits for JetStream's ack before the round is retried.
+    #[arg(long, env = "OUTBOX_ACK_TIMEOUT_MS", default_value_t = 5000)]
+    pub outbox_ack_timeout_ms: u64,
+    /// How long published rows stay in the outbox table before they are pruned.
+    #[arg(long, env = "OUTBOX_RETENTION_SECS", default_value_t = 3600)]
+    pub outbox_retention_secs: u64,
+    /// How long the stream keeps events (resume reaches back this far).
+    #[arg(long, env = "STREAM_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
+    pub stream_max_age_secs: u64,
+    /// JetStream's duplicate window: a republish with the same event id within it is dropped.
+    #[arg(long, env = "STREAM_DUPLICATE_WINDOW_SECS", default_value_t = 300)]
+    pub stream_duplicate_window_secs: u64,
+}
+
+/// `ingest serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "INGEST_LISTEN", default_value = "0.0.0.0:8000")]
+    pub listen: SocketAddr,
+    /// Expected value of the `Unipile-Auth` header on webhooks. Required.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub webhook_secret: SecretString,
+    /// HS256 secret of client tokens (the same as fanout's). Required.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: SecretString,
+    /// Public base URL Unipile calls, e.g. https://relay.example.com. Unset: no webhook
+    /// registration at start-up.
+    #[arg(long, env = "WEBHOOK_BASE_URL")]
+    pub webhook_base_url: Option<String>,
+    /// Largest webhook body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "WEBHOOK_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub webhook_max_body_bytes: usize,
+    /// Browser origins allowed to call the REST API (comma-separated; empty: none).
+    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub unipile: UnipileArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}

@@ -1,0 +1,143 @@
+//! Client tokens: HS256 JWTs with `sub`, `exp` and `accounts`.
+//!
+//! The same token opens a WebSocket on fanout and calls ingest's REST API. `accounts`
+//! lists the Unipile account ids the holder may see; `["*"]` means all of them.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// The wildcard account entry.
+pub const ALL_ACCOUNTS: &str = "*";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: i64,
+    pub accounts: Vec<String>,
+}
+
+impl Claims {
+    /// Whether the holder may see events of this account.
+    pub fn allows(&self, account_id: &str) -> bool {
+        self.accounts.iter().any(|a| a == ALL_ACCOUNTS || a == account_id)
+    }
+
+    /// Whether the token covers every account.
+    pub fn sees_all(&self) -> bool {
+        self.accounts.iter().any(|a| a == ALL_ACCOUNTS)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("token expired")]
+    Expired,
+    #[error("token invalid: {0}")]
+    Invalid(String),
+}
+
+/// Signs and checks tokens with the shared `JWT_SECRET`.
+#[derive(Clone)]
+pub struct JwtKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl JwtKeys {
+    pub fn new(secret: &SecretString) -> Self {
+        let bytes = secret.expose_secret().as_bytes();
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(bytes),
+            decoding: DecodingKey::from_secret(bytes),
+            validation,
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid(e.to_string()),
+            })
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .expect("HS256 signing cannot fail")
+    }
+
+    /// A token for `sub` valid for `ttl` from now.
+    pub fn issue(&self, sub: &str, accounts: Vec<String>, ttl: std::time::Duration) -> String {
+        let exp = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
+        self.sign(&Claims { sub: sub.to_owned(), exp, accounts })
+    }
+}
+
+impl std::fmt::Debug for JwtKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtKeys(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn keys(secret: &str) -> JwtKeys {
+        JwtKeys::new(&SecretString::from(secret))
+    }
+
+    #[test]
+    fn a_signed_token_verifies_with_the_same_secret() {
+        let k = keys("s3cret");
+        let token = k.issue("user-1", vec!["acc_a".into()], Duration::from_secs(60));
+        let claims = k.verify(&token).unwrap();
+        assert_eq!(claims.sub, "user-1");
+        assert!(claims.allows("acc_a"));
+        assert!(!claims.allows("acc_b"));
+    }
+
+    #[test]
+    fn a_token_signed_with_another_secret_is_invalid() {
+        let token = keys("one").issue("u", vec!["*".into()], Duration::from_secs(60));
+        assert!(matches!(keys("two").verify(&token), Err(TokenError::Invalid(_))));
+    }
+
+    #[test]
+    fn an_expired_token_is_refused() {
+        let k = keys("s");
+        let token = k.sign(&Claims { sub: "u".into(), exp: chrono::Utc::now().timestamp() - 5, accounts: vec![] });
+        assert_eq!(k.verify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_token_without_accounts_is_invalid() {
+        let k = keys("s");
+        #[derive(Serialize)]
+        struct NoAccounts {
+            sub: &'static str,
+            exp: i64,
+        }
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &NoAccounts { sub: "u", exp: chrono::Utc::now().timestamp() + 60 },
+            &EncodingKey::from_secret(b"s"),
+        )
+        .unwrap();
+        assert!(matches!(k.verify(&token), Err(TokenError::Invalid(_))));
+    }
+
+    #[test]
+    fn the_wildcard_sees_every_account() {
+        let c = Claims { sub: "u".into(), exp: 0, accounts: vec!["*".into()] };
+        assert!(c.allows("anything") && c.sees_all());
+    }
+}
