@@ -1,1 +1,16 @@
-fn main() {}
+//! The `ingest` binary: parse configuration, set up telemetry, run the chosen command.
+
+use ingest::config::{Cli, Command};
+use ingest::startup::Application;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse_with_default().command.expect("parse_with_default always sets a command") {
+        Command::Serve(config) => {
+            shared::telemetry::init_tracing(config.telemetry.log_format);
+            let app = Application::build(*config).await?;
+            tracing::info!(port = app.port(), "ingest listening");
+            app.run_until_stopped(shared::telemetry::shutdown_signal()).await
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Building and running the service: connect, migrate, start the background tasks,
+//! bind, serve until told to stop.
+//!
+//! `build` and `run_until_stopped` are split so tests can start a real server on port
+//! 0 and learn its port before it runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use secrecy::ExposeSecret;
+use shared::claims::JwtKeys;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::config::ServeConfig;
+use crate::jetstream::StreamSpec;
+use crate::outbox::Relay;
+use crate::state::AppState;
+use crate::store::Batcher;
+use crate::{health, webhooks};
+
+/// Migrations, embedded at compile time and applied at start-up.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    /// Batch writers and the outbox relay.
+    tasks: JoinSet<anyhow::Result<()>>,
+    /// Stops the relay after the HTTP server has drained.
+    stop_relay: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let db = connect_database(&config).await?;
+        MIGRATOR.run(&db).await.context("applying database migrations")?;
+        let nats = config.nats.connect("ingest").await?;
+        let js = async_nats::jetstream::new(nats.clone());
+
+        let mut tasks = JoinSet::new();
+        let wake_relay = Arc::new(Notify::new());
+        let subjects = config.nats.subject_prefix.clone();
+        let batcher = Batcher::spawn(db.clone(), subjects.clone(), &config.batch, wake_relay.clone(), &mut tasks);
+        let stream = StreamSpec {
+            name: config.nats.stream_name.clone(),
+            subjects,
+            max_age: Duration::from_secs(config.outbox.stream_max_age_secs),
+            duplicate_window: Duration::from_secs(config.outbox.stream_duplicate_window_secs),
+        };
+        let stop_relay = CancellationToken::new();
+        let relay = Relay::new(db.clone(), js, stream, config.outbox.clone(), wake_relay);
+        tasks.spawn(relay.run(stop_relay.clone()));
+
+        let state = AppState {
+            db,
+            batcher,
+            webhook_secret: config.webhook_secret.clone(),
+            jwt: JwtKeys::new(&config.jwt_secret),
+            nats,
+            metrics: shared::telemetry::metrics_handle(),
+        };
+        let router = router(state.clone(), &config);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        Ok(Self { listener, router, state, tasks, stop_relay })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or_default()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests, lets the
+    /// writers finish and gives the relay one last round. Returns an error at once if
+    /// a background task dies.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self { listener, router, state, mut tasks, stop_relay } = self;
+        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+        tokio::select! {
+            served = server => served.context("HTTP server failed")?,
+            died = tasks.join_next() => {
+                let reason = match died {
+                    Some(Ok(Ok(()))) => "ended".to_owned(),
+                    Some(Ok(Err(e))) => format!("{e:#}"),
+                    Some(Err(e)) => e.to_string(),
+                    None => "no tasks".to_owned(),
+                };
+                anyhow::bail!("a background task stopped unexpectedly: {reason}");
+            }
+        }
+        // The server has stopped: no new writes. Dropping the last batcher handle
+        // lets the writers finish the queue and exit; then the relay publishes.
+        drop(state);
+        stop_relay.cancel();
+        match tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(Err(e)) = done {
+                    tracing::warn!(error = format!("{e:#}"), "background task failed while stopping");
+                }
+            }
+        })
+        .await
+        {
+            Ok(()) => tracing::info!("ingest stopped"),
+            Err(_) => tracing::warn!("background tasks did not stop in time"),
+        }
+        Ok(())
+    }
+}
+
+async fn connect_database(config: &ServeConfig) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(config.database.database_max_connections)
+        .acquire_timeout(Duration::from_millis(config.database.database_acquire_timeout_ms))
+        .connect(config.database.database_url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL (DATABASE_URL)")
+}
+
+fn router(state: AppState, config: &ServeConfig) -> Router {
+    Router::new()
+        .merge(webhooks::router(state.clone(), config.webhook_max_body_bytes))
+        .merge(health::router())
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

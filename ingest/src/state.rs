@@ -1,0 +1,25 @@
+//! The state every handler shares.
+
+use async_nats::Client;
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::SecretString;
+use shared::claims::JwtKeys;
+use sqlx::PgPool;
+
+use crate::store::Batcher;
+
+#[derive(Clone)]
+pub struct AppState {
+    /// Reads for the REST API, dead letters and readiness checks.
+    pub db: PgPool,
+    /// Where webhook writes go to be group-committed.
+    pub batcher: Batcher,
+    /// Compared in constant time with each webhook's `Unipile-Auth` header.
+    pub webhook_secret: SecretString,
+    /// Checks the client tokens of the REST API.
+    pub jwt: JwtKeys,
+    /// For readiness: whether NATS is connected.
+    pub nats: Client,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}

@@ -1,0 +1,177 @@
+//! Group commit: deliveries that arrive together are committed together.
+//!
+//! PostgreSQL on a small machine commits a few thousand transactions per second, so one
+//! transaction per webhook would cap ingest there. Handlers [`Batcher::submit`] a
+//! [`Write`] and wait; a few writer tasks each take every queued write (up to a limit),
+//! save them in one transaction with the outbox rows of their events, and answer each
+//! handler after the commit. Under light load a batch is one delivery and nothing
+//! waits; under heavy load batches grow while the previous commit runs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shared::envelope::Envelope;
+use shared::subjects::Subjects;
+use sqlx::PgPool;
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::{Outcome, StoreError, Write, is_retryable, messages};
+use crate::config::BatchArgs;
+use crate::outbox;
+
+/// How many times a batch is retried after a deadlock or serialization failure.
+const RETRIES: usize = 3;
+
+struct Job {
+    write: Write,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+/// The handle webhook handlers submit writes through. Cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts `args.batch_workers` writers in `tasks`. `published` is notified after
+    /// each commit that added outbox rows, so the relay publishes them at once.
+    pub fn spawn(
+        pool: PgPool,
+        subjects: Subjects,
+        args: &BatchArgs,
+        published: Arc<Notify>,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+    ) -> Self {
+        let (queue, receiver) = mpsc::channel(args.batch_queue.max(1));
+        let receiver = Arc::new(Mutex::new(receiver));
+        for worker in 0..args.batch_workers.max(1) {
+            let writer = Writer {
+                pool: pool.clone(),
+                subjects: subjects.clone(),
+                receiver: receiver.clone(),
+                max: args.batch_max_size.max(1),
+                window: args.window(),
+                published: published.clone(),
+            };
+            tasks.spawn(async move {
+                writer.run().await;
+                tracing::debug!(worker, "batch writer stopped");
+                Ok(())
+            });
+        }
+        Self { queue }
+    }
+
+    /// Queues one delivery's writes and waits for the commit that holds them.
+    pub async fn submit(&self, write: Write) -> Result<Outcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.try_send(Job { write, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreError::Saturated,
+            mpsc::error::TrySendError::Closed(_) => StoreError::Stopped,
+        })?;
+        answer.await.map_err(|_| StoreError::Stopped)?
+    }
+}
+
+struct Writer {
+    pool: PgPool,
+    subjects: Subjects,
+    receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
+    max: usize,
+    window: Duration,
+    published: Arc<Notify>,
+}
+
+impl Writer {
+    async fn run(self) {
+        while let Some(batch) = self.next_batch().await {
+            let started = Instant::now();
+            let writes: Vec<&Write> = batch.iter().map(|j| &j.write).collect();
+            let mut result = commit(&self.pool, &self.subjects, &writes).await;
+            for _ in 0..RETRIES {
+                match &result {
+                    Err(e) if is_retryable(e) => {
+                        tracing::debug!(error = %e, "retrying batch after a lock conflict");
+                        result = commit(&self.pool, &self.subjects, &writes).await;
+                    }
+                    _ => break,
+                }
+            }
+            metrics::histogram!("ingest_batch_size").record(batch.len() as f64);
+            metrics::histogram!("ingest_batch_commit_seconds").record(started.elapsed().as_secs_f64());
+            match result {
+                Ok((outcomes, events)) => {
+                    if events > 0 {
+                        self.published.notify_one();
+                    }
+                    for (job, outcome) in batch.into_iter().zip(outcomes) {
+                        let _ = job.reply.send(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, size = batch.len(), "batch commit failed");
+                    for job in batch {
+                        let _ = job.reply.send(Err(StoreError::Database(clone_error(&e))));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for one job, then takes what else is queued (within the window).
+    async fn next_batch(&self) -> Option<Vec<Job>> {
+        let mut receiver = self.receiver.lock().await;
+        let first = receiver.recv().await?;
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + self.window;
+        while batch.len() < self.max {
+            match receiver.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) if self.window.is_zero() => break,
+                Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                    Ok(Some(job)) => batch.push(job),
+                    _ => break,
+                },
+            }
+        }
+        Some(batch)
+    }
+}
+
+/// Saves a batch in one transaction; returns each write's outcome and the number of
+/// events written to the outbox.
+pub async fn commit(
+    pool: &PgPool,
+    subjects: &Subjects,
+    writes: &[&Write],
+) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = vec![Outcome::Ignored; writes.len()];
+    let mut events: Vec<(usize, Envelope)> = Vec::new();
+
+    let (indexes, new_messages): (Vec<usize>, Vec<&messages::NewMessage>) = writes
+        .iter()
+        .enumerate()
+        .map(|(i, w)| match w {
+            Write::Message(m) => (i, m),
+        })
+        .unzip();
+    for (i, inserted) in indexes.into_iter().zip(messages::insert(&mut tx, &new_messages).await?) {
+        outcomes[i] = inserted.outcome;
+        events.extend(inserted.event.map(|e| (i, e)));
+    }
+
+    // Events leave in the order their deliveries were queued.
+    events.sort_by_key(|(i, _)| *i);
+    let envelopes: Vec<Envelope> = events.into_iter().map(|(_, e)| e).collect();
+    outbox::enqueue(&mut tx, subjects, &envelopes).await?;
+    tx.commit().await?;
+    Ok((outcomes, envelopes.len()))
+}
+
+/// `sqlx::Error` is not `Clone`; every job of a failed batch gets an equivalent error.
+fn clone_error(e: &sqlx::Error) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("batch commit failed: {e}"))
+}

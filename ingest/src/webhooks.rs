@@ -1,0 +1,194 @@
+//! The webhook endpoints Unipile calls.
+//!
+//! - `POST /api/webhooks/unipile/messages`: messaging events.
+//! - `POST /api/webhooks/unipile/account-status`: account status changes.
+//!
+//! Answers, per the contract: 401 for a missing or wrong `Unipile-Auth` (checked in
+//! constant time, before the body is read); 413 over the body limit; 200 with
+//! `{"status": "accepted" | "duplicate" | "ignored" | "dead_lettered"}` once the
+//! delivery is committed (or kept as a dead letter when it cannot be used); 503 when
+//! the relay cannot save, so Unipile retries. The body is parsed as JSON whatever the
+//! `Content-Type` says: Unipile sometimes labels JSON as form data.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::post;
+use axum::{Json, Router};
+use chrono::Utc;
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::unipile::{MessagingEvent, MessagingEventKind};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::{NewMessage, Outcome, StoreError, Write, dead_letters};
+
+pub const MESSAGES_PATH: &str = "/api/webhooks/unipile/messages";
+pub const ACCOUNT_STATUS_PATH: &str = "/api/webhooks/unipile/account-status";
+/// The header Unipile sends our secret in (we register it with the webhook).
+pub const AUTH_HEADER: &str = "Unipile-Auth";
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router<AppState> {
+    Router::new()
+        .route(MESSAGES_PATH, post(messages))
+        .route(ACCOUNT_STATUS_PATH, post(account_status))
+        .route_layer(middleware::from_fn_with_state(state, require_secret))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// The body of every 200 answer.
+#[derive(Debug, Serialize)]
+pub struct Ack {
+    pub status: AckStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    Accepted,
+    Duplicate,
+    Ignored,
+    DeadLettered,
+}
+
+impl AckStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Duplicate => "duplicate",
+            Self::Ignored => "ignored",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+impl From<Outcome> for AckStatus {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Accepted => Self::Accepted,
+            Outcome::Duplicate => Self::Duplicate,
+            Outcome::Ignored => Self::Ignored,
+        }
+    }
+}
+
+/// Rejects a request whose `Unipile-Auth` is missing or wrong, before its body is read.
+async fn require_secret(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let expected = state.webhook_secret.expose_secret().as_bytes();
+    let given = request.headers().get(AUTH_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if bool::from(given.ct_eq(expected)) {
+        next.run(request).await
+    } else {
+        let endpoint = request.uri().path().to_owned();
+        metrics::counter!("webhooks_total", "endpoint" => endpoint, "outcome" => "unauthorized").increment(1);
+        axum::response::IntoResponse::into_response(ApiError::Unauthorized)
+    }
+}
+
+async fn messages(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Ack>, ApiError> {
+    answer(&state, MESSAGES_PATH, &headers, body, handle_messaging).await
+}
+
+async fn account_status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Ack>, ApiError> {
+    answer(&state, ACCOUNT_STATUS_PATH, &headers, body, handle_account_status).await
+}
+
+/// What a handler decided about a parsed body.
+enum Decision {
+    Stored(Outcome),
+    DeadLetter(String),
+}
+
+/// Shared by both endpoints: size check, JSON parse, the endpoint's own handling,
+/// dead-lettering, metrics.
+async fn answer<F, Fut>(
+    state: &AppState,
+    endpoint: &'static str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    handle: F,
+) -> Result<Json<Ack>, ApiError>
+where
+    F: FnOnce(AppState, Value) -> Fut,
+    Fut: Future<Output = Result<Decision, StoreError>>,
+{
+    let started = Instant::now();
+    let result = async {
+        let body = body.map_err(|rejection| match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(0),
+            _ => ApiError::BadRequest(rejection.body_text()),
+        })?;
+        let decision = match serde_json::from_slice::<Value>(&body) {
+            Ok(value) => handle(state.clone(), value).await.map_err(store_error)?,
+            Err(e) => Decision::DeadLetter(format!("body is not JSON: {e}")),
+        };
+        match decision {
+            Decision::Stored(outcome) => Ok(AckStatus::from(outcome)),
+            Decision::DeadLetter(reason) => {
+                let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+                tracing::warn!(endpoint, reason = %reason, "dead-lettering a delivery");
+                dead_letters::insert(&state.db, endpoint, &reason, content_type, &body).await?;
+                Ok(AckStatus::DeadLettered)
+            }
+        }
+    }
+    .await;
+    let outcome = match &result {
+        Ok(status) => status.as_str(),
+        Err(ApiError::PayloadTooLarge(_)) => "too_large",
+        Err(ApiError::BadRequest(_)) => "bad_request",
+        Err(_) => "unavailable",
+    };
+    metrics::counter!("webhooks_total", "endpoint" => endpoint, "outcome" => outcome).increment(1);
+    metrics::histogram!("webhook_ack_seconds", "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+    result.map(|status| Json(Ack { status }))
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+async fn handle_messaging(state: AppState, value: Value) -> Result<Decision, StoreError> {
+    let event = match parse_messaging(&value) {
+        Ok(event) => event,
+        Err(reason) => return Ok(Decision::DeadLetter(reason)),
+    };
+    let write = match &event.event {
+        MessagingEventKind::MessageReceived => Write::Message(NewMessage::from_webhook(&event, value, Utc::now())),
+        MessagingEventKind::Other(name) => {
+            return Ok(Decision::DeadLetter(format!("unknown event {name:?}")));
+        }
+        known => {
+            return Ok(Decision::DeadLetter(format!("event {:?} is not handled yet", known.as_str())));
+        }
+    };
+    state.batcher.submit(write).await.map(Decision::Stored)
+}
+
+async fn handle_account_status(_state: AppState, _value: Value) -> Result<Decision, StoreError> {
+    Ok(Decision::DeadLetter("account status events are not handled yet".to_owned()))
+}
+
+/// Reads a messaging delivery, or says why it cannot be used.
+fn parse_messaging(value: &Value) -> Result<MessagingEvent, String> {
+    if !value.is_object() {
+        return Err("body is JSON but not an object".to_owned());
+    }
+    MessagingEvent::deserialize(value).map_err(|e| format!("unusable messaging event: {e}"))
+}
