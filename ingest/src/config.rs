@@ -43,6 +43,10 @@ impl Cli {
 pub enum Command {
     /// Run the HTTP service: webhooks, outbox relay, REST API (the default).
     Serve(Box<ServeConfig>),
+    /// List, ensure or delete the webhooks registered with Unipile.
+    Webhooks(crate::unipile::cli::WebhooksCommand),
+    /// Backfill chats and messages from Unipile's API (quietly: no events, no unread bumps).
+    Sync(Box<crate::unipile::cli::SyncCommand>),
 }
 
 /// Where PostgreSQL is and how many connections to hold.
@@ -147,6 +151,8 @@ pub struct ServeConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub unipile: UnipileArgs,
+    #[command(flatten)]
+    pub catch_up: crate::unipile::cli::CatchUpArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]

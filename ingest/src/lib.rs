@@ -17,4 +17,5 @@ pub mod outbox;
 pub mod startup;
 pub mod state;
 pub mod store;
+pub mod unipile;
 pub mod webhooks;

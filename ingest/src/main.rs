@@ -12,5 +12,13 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(port = app.port(), "ingest listening");
             app.run_until_stopped(shared::telemetry::shutdown_signal()).await
         }
+        Command::Webhooks(command) => {
+            shared::telemetry::init_tracing(shared::config::LogFormat::Text);
+            ingest::unipile::cli::run_webhooks(command).await
+        }
+        Command::Sync(command) => {
+            shared::telemetry::init_tracing(shared::config::LogFormat::Text);
+            ingest::unipile::cli::run_sync(*command).await
+        }
     }
 }

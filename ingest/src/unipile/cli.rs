@@ -1,0 +1,369 @@
+//! The `ingest webhooks ...` and `ingest sync` commands.
+//!
+//! They need only what they use: Unipile's DSN and key for every command, plus the
+//! public URL and secret for `webhooks ensure`, plus the database for `sync`. Results
+//! go to stdout as a table, or as JSON with `--json`; logs go to stderr.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, NaiveDate, Utc};
+use clap::{Args, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use shared::config::parse_secret;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use super::client::{ClientConfig, UnipileClient};
+use super::sync::{self, AccountRef, SyncReport};
+use super::types::Webhook;
+use super::webhooks::{self, Ensured, WebhookSettings};
+use crate::config::{DatabaseArgs, UnipileArgs};
+
+/// `ingest webhooks`: inspect and manage the webhooks registered with Unipile.
+#[derive(Debug, Args)]
+pub struct WebhooksCommand {
+    #[command(subcommand)]
+    pub action: WebhooksAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksAction {
+    /// List every webhook registered under the API key (header values are not shown).
+    List(ListArgs),
+    /// Make sure the relay's messaging and account_status webhooks exist with the
+    /// current secret: reuse them, create the missing, replace the stale, delete
+    /// duplicates. The same step ingest runs at start-up.
+    Ensure(EnsureArgs),
+    /// Delete one webhook by its id (see `ingest webhooks list`).
+    Delete(DeleteArgs),
+}
+
+/// Output format of a command.
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Print JSON on stdout instead of a table, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub unipile: UnipileArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EnsureArgs {
+    /// Public base URL Unipile calls, e.g. https://relay.example.com; the webhooks
+    /// point at {this}/api/webhooks/unipile/messages and .../account-status.
+    #[arg(long, env = "WEBHOOK_BASE_URL")]
+    pub webhook_base_url: String,
+    /// Secret Unipile sends back in the `Unipile-Auth` header; the same value ingest
+    /// serve checks.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub webhook_secret: SecretString,
+    /// Optional PostgreSQL URL: when set, takes the same lock as starting replicas so
+    /// the command never races them.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<SecretString>,
+    #[command(flatten)]
+    pub unipile: UnipileArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Id of the webhook to delete.
+    pub id: String,
+    #[command(flatten)]
+    pub unipile: UnipileArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `ingest sync`: backfill chats and messages from Unipile's API.
+#[derive(Debug, Args)]
+#[command(long_about = "Backfill chats and messages from Unipile's API into the relay's database.\n\n\
+    Messages are stored like webhook deliveries (same ids, so running it twice changes nothing) \
+    but quietly: no message:new events, no unread increments. Each chat's unread count is set \
+    to what Unipile reports. Without --account, every account in the database and every \
+    account Unipile lists under the API key is backfilled.")]
+pub struct SyncCommand {
+    /// Account to backfill (repeatable). Default: all known accounts.
+    #[arg(long = "account", value_name = "ACCOUNT_ID")]
+    pub accounts: Vec<String>,
+    /// Only messages at or after this time: RFC 3339 (2026-11-01T00:00:00Z), a date
+    /// (2026-11-01, UTC) or an age (90m, 12h, 7d, 2w). Default: the whole history.
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<DateTime<Utc>>,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub unipile: UnipileArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `ingest serve` option for the start-up catch-up.
+#[derive(Debug, Clone, Args)]
+pub struct CatchUpArgs {
+    /// At start-up, backfill in the background what Unipile holds since the newest
+    /// message the relay stored, for every account it knows (quietly, as `ingest sync`).
+    /// Needs UNIPILE_DSN and UNIPILE_API_KEY.
+    #[arg(long = "catch-up-on-start", env = "SYNC_ON_START")]
+    pub catch_up_on_start: bool,
+}
+
+/// Parses `--since`: RFC 3339, a UTC date, or an age such as `12h` or `7d`.
+pub fn parse_since(value: &str) -> Result<DateTime<Utc>, String> {
+    let value = value.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(date) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+        return Ok(date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(n) if seconds > 0 => Ok(Utc::now() - Duration::from_secs(n.saturating_mul(seconds))),
+        _ => Err("expected RFC 3339 (2026-11-01T00:00:00Z), a date (2026-11-01) or an age (12h, 7d)".to_owned()),
+    }
+}
+
+/// Builds a client from `UNIPILE_DSN` and `UNIPILE_API_KEY`, naming what is missing.
+pub fn client_from(args: &UnipileArgs) -> anyhow::Result<UnipileClient> {
+    let dsn = args.unipile_dsn.as_deref().filter(|d| !d.trim().is_empty());
+    let key = args.unipile_api_key.as_ref().filter(|k| !k.expose_secret().trim().is_empty());
+    let (dsn, key) = match (dsn, key) {
+        (Some(dsn), Some(key)) => (dsn, key),
+        (None, None) => anyhow::bail!("UNIPILE_DSN and UNIPILE_API_KEY are not set (or pass --unipile-dsn and --unipile-api-key)"),
+        (None, _) => anyhow::bail!("UNIPILE_DSN is not set (or pass --unipile-dsn)"),
+        (_, None) => anyhow::bail!("UNIPILE_API_KEY is not set (or pass --unipile-api-key)"),
+    };
+    Ok(UnipileClient::new(ClientConfig::new(dsn, key.clone())?)?)
+}
+
+/// Runs `ingest webhooks ...`.
+pub async fn run_webhooks(command: WebhooksCommand) -> anyhow::Result<()> {
+    match command.action {
+        WebhooksAction::List(args) => {
+            let client = client_from(&args.unipile)?;
+            let webhooks = client.list_webhooks().await?;
+            let views: Vec<WebhookView> = webhooks.iter().map(WebhookView::from).collect();
+            if args.output.json {
+                print_json(&views)?;
+            } else if views.is_empty() {
+                println!("no webhooks registered");
+            } else {
+                print_table(
+                    &["ID", "SOURCE", "ENABLED", "NAME", "EVENTS", "REQUEST_URL"],
+                    views.iter().map(|w| {
+                        vec![
+                            w.id.clone(),
+                            w.source.clone(),
+                            if w.enabled { "yes" } else { "no" }.to_owned(),
+                            w.name.clone().unwrap_or_default(),
+                            if w.events.is_empty() { "-".to_owned() } else { w.events.join(",") },
+                            w.request_url.clone(),
+                        ]
+                    }),
+                );
+            }
+        }
+        WebhooksAction::Ensure(args) => {
+            let client = client_from(&args.unipile)?;
+            let settings = WebhookSettings::new(&args.webhook_base_url, args.webhook_secret.clone())
+                .map_err(|reason| anyhow::anyhow!("WEBHOOK_BASE_URL is unusable: {reason}"))?;
+            let pool = match &args.database_url {
+                Some(url) => Some(
+                    PgPoolOptions::new()
+                        .max_connections(1)
+                        .acquire_timeout(Duration::from_secs(10))
+                        .connect(url.expose_secret())
+                        .await
+                        .context("connecting to PostgreSQL (DATABASE_URL) for the registration lock")?,
+                ),
+                None => None,
+            };
+            let done = webhooks::ensure(&client, &settings, pool.as_ref()).await?;
+            if args.output.json {
+                print_json(&done)?;
+            } else {
+                print_ensured(&done);
+            }
+        }
+        WebhooksAction::Delete(args) => {
+            let client = client_from(&args.unipile)?;
+            client.delete_webhook(&args.id).await?;
+            if args.output.json {
+                print_json(&serde_json::json!({ "deleted": args.id }))?;
+            } else {
+                println!("deleted webhook {}", args.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `ingest sync`.
+pub async fn run_sync(command: SyncCommand) -> anyhow::Result<()> {
+    let client = client_from(&command.unipile)?;
+    let pool = connect(&command.database).await?;
+    let accounts = if command.accounts.is_empty() {
+        sync::known_accounts(&client, &pool).await?
+    } else {
+        command.accounts.iter().map(|id| AccountRef { id: id.clone(), account_type: None }).collect()
+    };
+    if accounts.is_empty() {
+        tracing::warn!("no accounts known to the relay or to Unipile; nothing to backfill");
+    }
+    let report = sync::sync_accounts(&client, &pool, &accounts, command.since).await?;
+    if command.output.json {
+        print_json(&report)?;
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+async fn connect(database: &DatabaseArgs) -> anyhow::Result<PgPool> {
+    let pool = PgPoolOptions::new()
+        .max_connections(database.database_max_connections.clamp(1, 4))
+        .acquire_timeout(Duration::from_millis(database.database_acquire_timeout_ms))
+        .connect(database.database_url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL (DATABASE_URL)")?;
+    crate::startup::MIGRATOR.run(&pool).await.context("applying database migrations")?;
+    Ok(pool)
+}
+
+/// A webhook as the commands show it: header names only, never their values.
+#[derive(Debug, Serialize)]
+struct WebhookView {
+    id: String,
+    name: Option<String>,
+    source: String,
+    enabled: bool,
+    format: Option<String>,
+    request_url: String,
+    events: Vec<String>,
+    header_names: Vec<String>,
+}
+
+impl From<&Webhook> for WebhookView {
+    fn from(w: &Webhook) -> Self {
+        Self {
+            id: w.id.clone(),
+            name: w.name.clone(),
+            source: w.source.clone(),
+            enabled: w.enabled,
+            format: w.format.clone(),
+            request_url: w.request_url.clone(),
+            events: w.events.clone(),
+            header_names: w.headers.iter().map(|h| h.key.clone()).collect(),
+        }
+    }
+}
+
+fn print_ensured(done: &[Ensured]) {
+    print_table(
+        &["SOURCE", "ACTION", "ID", "DELETED", "REQUEST_URL"],
+        done.iter().map(|e| {
+            vec![
+                e.source.clone(),
+                serde_json::to_value(e.action)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                e.id.clone(),
+                if e.deleted.is_empty() { "-".to_owned() } else { e.deleted.join(",") },
+                e.request_url.clone(),
+            ]
+        }),
+    );
+}
+
+fn print_report(report: &SyncReport) {
+    print_table(
+        &["ACCOUNTS", "CHATS", "CHATS_SKIPPED", "MESSAGES_FETCHED", "MESSAGES_STORED"],
+        std::iter::once(vec![
+            report.accounts.to_string(),
+            report.chats.to_string(),
+            report.chats_skipped.to_string(),
+            report.messages_fetched.to_string(),
+            report.messages_stored.to_string(),
+        ]),
+    );
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Left-aligned columns, two spaces apart.
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    print!("{}", table(header, rows));
+}
+
+fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| (*h).to_owned()).collect())
+        .chain(rows)
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_reads_rfc3339_dates_and_ages() {
+        assert_eq!(parse_since("2026-11-01T10:00:00Z").unwrap().to_rfc3339(), "2026-11-01T10:00:00+00:00");
+        assert_eq!(parse_since("2026-11-01").unwrap().to_rfc3339(), "2026-11-01T00:00:00+00:00");
+        let age = Utc::now() - parse_since("7d").unwrap();
+        assert!((age.num_seconds() - 7 * 86_400).abs() < 5);
+        for bad in ["yesterday", "7y", "", "d"] {
+            assert!(parse_since(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn table_columns_line_up() {
+        let text = table(&["ID", "NAME"], vec![vec!["a".into(), "x".into()], vec!["long-id".into(), "y".into()]].into_iter());
+        assert_eq!(text, "ID       NAME\na        x\nlong-id  y\n");
+    }
+
+    #[test]
+    fn missing_credentials_are_named() {
+        let args = UnipileArgs { unipile_dsn: Some("api1.unipile.com:1".into()), unipile_api_key: None };
+        assert_eq!(client_from(&args).unwrap_err().to_string(), "UNIPILE_API_KEY is not set (or pass --unipile-api-key)");
+    }
+}
