@@ -1,1 +1,28 @@
-//! fanout
+//! `fanout`: follows the JetStream event stream and pushes each event to the WebSocket
+//! clients allowed to see it.
+//!
+//! How it fits: `ingest` publishes envelopes (without `seq`) on
+//! `{prefix}.{account}.{chat}.{type}`. The [`follower`] reads the stream in order,
+//! turns each message into an [`event::Event`] (the bytes stamped with `seq` once) and
+//! hands it to the [`hub`], which offers the same bytes to every connection allowed to
+//! see them through bounded queues. [`ws`] serves `GET /ws/messages`, [`resume`] makes
+//! reconnects gap-free from JetStream or the hub's window, [`health`] answers probes
+//! and `/metrics`.
+//!
+//! Run it: `JWT_SECRET=... NATS_URL=nats://127.0.0.1:4222 fanout` (see `fanout --help`).
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod follower;
+pub mod health;
+pub mod hub;
+pub mod metrics;
+pub mod resume;
+pub mod startup;
+pub mod state;
+pub mod ws;
+
+pub use config::Config;
+pub use startup::Application;

@@ -1,0 +1,137 @@
+//! Command line and environment configuration of the `fanout` binary.
+//!
+//! Every field is a flag with an environment fallback (clap `env`), so `fanout --help`
+//! documents the whole surface. `JWT_SECRET` has no default: the process refuses to
+//! start without it and says which variable is missing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+use shared::config::{NatsArgs, TelemetryArgs, parse_secret};
+
+/// `fanout` with no subcommand serves; `fanout token` mints a token for trying it out.
+#[derive(Debug, Parser)]
+#[command(
+    name = "fanout",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: Option<Config>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Follow the stream and serve WebSocket clients (the default).
+    Serve(Config),
+    /// Print a client token signed with JWT_SECRET (for development and load tests).
+    Token(TokenArgs),
+}
+
+/// Everything the server needs.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// HS256 secret that signs client tokens (the same one ingest uses). Required.
+    #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub jwt_secret: SecretString,
+    /// Address the HTTP and WebSocket server listens on.
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8001")]
+    pub listen: SocketAddr,
+    /// Most WebSocket connections this replica holds; more are refused with 503.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Events queued per connection before the client counts as too slow and is closed
+    /// (code 4000), so one slow reader never holds anybody else up.
+    #[arg(long, env = "FANOUT_QUEUE_CAPACITY", default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// Seconds between server pings; a peer silent for two intervals is dropped.
+    #[arg(long, env = "FANOUT_HEARTBEAT_SECS", default_value_t = 30)]
+    pub heartbeat_secs: u64,
+    /// Seconds one write to a client may take before the client counts as too slow.
+    #[arg(long, env = "FANOUT_WRITE_TIMEOUT_SECS", default_value_t = 10)]
+    pub write_timeout_secs: u64,
+    /// Recent events kept in memory to serve resumes without reading JetStream.
+    #[arg(long, env = "FANOUT_REPLAY_WINDOW", default_value_t = 10_000)]
+    pub replay_window: usize,
+    /// Largest client message answered with an `error` frame when it is not understood;
+    /// anything over 16 times this closes the connection with 1009.
+    #[arg(long, env = "FANOUT_MAX_CLIENT_MESSAGE", default_value_t = 4096)]
+    pub max_client_message: usize,
+    /// Idle heartbeat asked of JetStream, in milliseconds; the follower recreates its
+    /// consumer when two are missed and re-checks the stream at this interval.
+    #[arg(long, env = "FANOUT_FOLLOW_HEARTBEAT_MS", default_value_t = 5_000)]
+    pub follow_heartbeat_ms: u64,
+    /// Seconds to wait for sockets to close on shutdown.
+    #[arg(long, env = "FANOUT_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Config {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs.max(1))
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs.max(1))
+    }
+
+    pub fn follow_heartbeat(&self) -> Duration {
+        Duration::from_millis(self.follow_heartbeat_ms.max(100))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// Options of `fanout token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// HS256 secret that signs client tokens. Required.
+    #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub jwt_secret: SecretString,
+    /// Subject (`sub` claim) of the token.
+    #[arg(long, default_value = "dev")]
+    pub sub: String,
+    /// Accounts the token may see, comma-separated; `*` for all.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    pub accounts: Vec<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_secs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_fanout_with_flags_means_serve() {
+        let cli = Cli::try_parse_from(["fanout", "--jwt-secret", "s", "--listen", "127.0.0.1:9"])
+            .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.unwrap().listen.port(), 9);
+    }
+
+    #[test]
+    fn serve_subcommand_is_accepted() {
+        let cli = Cli::try_parse_from(["fanout", "serve", "--jwt-secret", "s"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(_))));
+    }
+
+    #[test]
+    fn an_empty_jwt_secret_is_refused_naming_the_variable() {
+        let err = Cli::try_parse_from(["fanout", "serve", "--jwt-secret", " "]).unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET"), "{err}");
+    }
+}

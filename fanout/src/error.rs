@@ -1,0 +1,45 @@
+//! HTTP errors of fanout, turned into responses in one place.
+//!
+//! Body shape: `{"error": "<code>", "message": "<human text>"}`.
+
+use axum::Json;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No token, a badly signed one or an expired one.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("invalid query: {0}")]
+    BadRequest(String),
+    /// The connection limit of this replica is reached.
+    #[error("too many connections on this replica")]
+    TooManyConnections,
+    /// The follower has not found the stream yet, or the server is stopping.
+    #[error("not ready, try another replica")]
+    NotReady,
+    #[error(transparent)]
+    Upgrade(#[from] WebSocketUpgradeRejection),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::TooManyConnections => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
+            }
+            ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::Upgrade(rejection) => (rejection.status(), "not_a_websocket_upgrade"),
+        };
+        (
+            status,
+            Json(json!({"error": code, "message": self.to_string()})),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,238 @@
+//! The JetStream follower: one loop that reads every new stream message in order and
+//! hands it to the hub.
+//!
+//! It owns its position (the last stream sequence handled) instead of trusting a
+//! long-lived consumer, because naive followers stall silently when NATS restarts,
+//! when their consumer is deleted or when the stream is recreated. Here each attempt
+//! creates an ephemeral pull consumer starting at `last + 1` with idle heartbeats and
+//! follows it until anything looks wrong: a stream error, two missed heartbeats, a
+//! delivery-sequence gap, the NATS connection dropping, or the stream no longer being
+//! the one we followed (its creation time changed or its last sequence went below
+//! ours). Then it marks itself not ready, backs off briefly and starts a new attempt.
+//! A recreated stream resets the hub, which closes every connection with 4001.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_nats::connection::State;
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use shared::subjects::Subjects;
+
+use crate::event::Event;
+use crate::hub::Hub;
+use crate::metrics;
+
+/// Whether the follower is currently following; read by `/readyz`.
+#[derive(Debug, Default)]
+pub struct FollowerStatus {
+    ready: AtomicBool,
+}
+
+impl FollowerStatus {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn set(&self, ready: bool) {
+        if self.ready.swap(ready, Ordering::AcqRel) != ready {
+            metrics::follower_ready(ready);
+        }
+    }
+}
+
+/// Creates the stream when it is missing (subjects `{prefix}.>`, file storage, limits
+/// retention) and otherwise uses it as it is.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &Subjects,
+) -> anyhow::Result<stream::Stream> {
+    js.get_or_create_stream(stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subjects.all()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("getting or creating stream {name}"))
+}
+
+/// Where the follower stands in which stream.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    /// Creation time of the stream followed, to notice it being recreated.
+    created: i128,
+    /// Last stream sequence handed to the hub (or skipped).
+    last: u64,
+}
+
+/// See the module docs.
+pub struct Follower {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub stream_name: String,
+    pub subjects: Subjects,
+    pub hub: Arc<Hub>,
+    pub status: Arc<FollowerStatus>,
+    /// Idle heartbeat asked of the server; also how often the stream is re-checked.
+    pub heartbeat: Duration,
+}
+
+/// Why one follow attempt ended.
+enum Ended {
+    /// The stream is not the one we followed any more.
+    StreamChanged,
+}
+
+impl Follower {
+    /// Follows forever; returns only if the task is cancelled from outside.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut position: Option<Position> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow_once(&mut position).await {
+                Ok(Ended::StreamChanged) => {
+                    metrics::follower_restart("stream_changed");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(error) => {
+                    self.status.set(false);
+                    metrics::follower_restart("error");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        backoff_ms = backoff.as_millis() as u64,
+                        "follower restarting"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(stream = %self.stream_name))]
+    async fn follow_once(&self, position: &mut Option<Position>) -> anyhow::Result<Ended> {
+        let mut stream = ensure_stream(&self.js, &self.stream_name, &self.subjects).await?;
+        let info = stream.info().await.context("reading stream info")?.clone();
+        let created = info.created.unix_timestamp_nanos();
+        let pos = match *position {
+            None => {
+                // Start at new messages: whatever is in the stream already is history.
+                self.hub.start(info.state.last_sequence);
+                Position {
+                    created,
+                    last: info.state.last_sequence,
+                }
+            }
+            Some(pos) if pos.created != created || info.state.last_sequence < pos.last => {
+                // A new stream: its messages are all newer than anything clients have,
+                // but their sequences start over, so clients must start over too.
+                let last = info.state.first_sequence.saturating_sub(1);
+                tracing::warn!(
+                    old_last = pos.last,
+                    new_first = info.state.first_sequence,
+                    "stream recreated; resetting"
+                );
+                self.hub.reset(last);
+                Position { created, last }
+            }
+            Some(pos) => pos,
+        };
+        *position = Some(pos);
+
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: pos.last + 1,
+                },
+                ack_policy: consumer::AckPolicy::None,
+                filter_subject: self.subjects.all(),
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .context("creating consumer")?;
+        let consumer_name = consumer.cached_info().name.clone();
+        let result = self.follow_consumer(&mut stream, consumer, position).await;
+        if result.is_err() {
+            // Best effort; the server drops it after `inactive_threshold` anyway.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                stream.delete_consumer(&consumer_name),
+            )
+            .await;
+        }
+        result
+    }
+
+    async fn follow_consumer(
+        &self,
+        stream: &mut stream::Stream,
+        consumer: consumer::PullConsumer,
+        position: &mut Option<Position>,
+    ) -> anyhow::Result<Ended> {
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(1000)
+            .expires(Duration::from_secs(30))
+            .heartbeat(self.heartbeat)
+            .messages()
+            .await
+            .context("starting to pull")?;
+        self.status.set(true);
+        tracing::info!(from = position.map(|p| p.last + 1), "following");
+        let mut expected_delivery = 1;
+        let mut check = tokio::time::interval(self.heartbeat);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let message = match message {
+                        None => bail!("message stream ended"),
+                        Some(Err(error)) => bail!("pulling messages: {error}"),
+                        Some(Ok(message)) => message,
+                    };
+                    let info = message.info().map_err(|e| anyhow::anyhow!("reading message info: {e}"))?;
+                    if info.consumer_sequence != expected_delivery {
+                        bail!("delivery sequence gap: expected {expected_delivery}, got {}", info.consumer_sequence);
+                    }
+                    expected_delivery += 1;
+                    let seq = info.stream_sequence;
+                    let pos = position.as_mut().expect("position is set before following");
+                    if seq <= pos.last {
+                        continue;
+                    }
+                    pos.last = seq;
+                    match Event::from_stream(&self.subjects, &message.subject, &message.payload, seq) {
+                        Ok(event) => {
+                            metrics::event_in();
+                            self.hub.publish(Arc::new(event));
+                        }
+                        Err(skip) => {
+                            tracing::warn!(seq, subject = %message.subject, reason = %skip, "skipping stream message");
+                            metrics::event_skipped(skip.as_str());
+                            self.hub.skip(seq);
+                        }
+                    }
+                }
+                _ = check.tick() => {
+                    if self.client.connection_state() != State::Connected {
+                        bail!("NATS connection lost");
+                    }
+                    let info = stream.info().await.context("re-checking stream")?;
+                    let pos = position.expect("position is set before following");
+                    if info.created.unix_timestamp_nanos() != pos.created || info.state.last_sequence < pos.last {
+                        self.status.set(false);
+                        return Ok(Ended::StreamChanged);
+                    }
+                }
+            }
+        }
+    }
+}

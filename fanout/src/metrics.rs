@@ -1,0 +1,77 @@
+//! The Prometheus series fanout exports, named in one place.
+//!
+//! - `fanout_connections` (gauge): open WebSocket connections.
+//! - `fanout_events_in_total` (counter): events taken from the stream;
+//!   `fanout_events_skipped_total{reason}`: stream messages that were not events.
+//! - `fanout_frames_out_total` (counter): event frames written to clients.
+//! - `fanout_slow_consumer_closes_total` (counter): clients closed for not reading.
+//! - `fanout_closes_total{reason}` (counter): every server-initiated close by reason.
+//! - `fanout_resumes_total{outcome}`: `memory`, `stream`, `gone` (recovered false),
+//!   `failed`.
+//! - `fanout_delivery_lag_seconds` (histogram): write time minus `occurred_at`.
+//! - `fanout_follower_restarts_total{reason}`: consumer recreations.
+//! - `fanout_follower_ready` (gauge): 1 while following the stream.
+
+use std::sync::OnceLock;
+
+use ::metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+struct Handles {
+    connections: Gauge,
+    events_in: Counter,
+    frames_out: Counter,
+    lag: Histogram,
+}
+
+fn handles() -> &'static Handles {
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    HANDLES.get_or_init(|| Handles {
+        connections: gauge!("fanout_connections"),
+        events_in: counter!("fanout_events_in_total"),
+        frames_out: counter!("fanout_frames_out_total"),
+        lag: histogram!("fanout_delivery_lag_seconds"),
+    })
+}
+
+pub fn connection_opened() {
+    handles().connections.increment(1.0);
+}
+
+pub fn connection_closed() {
+    handles().connections.decrement(1.0);
+}
+
+pub fn event_in() {
+    handles().events_in.increment(1);
+}
+
+pub fn event_skipped(reason: &'static str) {
+    counter!("fanout_events_skipped_total", "reason" => reason).increment(1);
+}
+
+pub fn frames_out(n: u64) {
+    handles().frames_out.increment(n);
+}
+
+pub fn delivery_lag(seconds: f64) {
+    handles().lag.record(seconds);
+}
+
+pub fn closed(reason: &'static str) {
+    counter!("fanout_closes_total", "reason" => reason).increment(1);
+    if reason == "slow_consumer" {
+        counter!("fanout_slow_consumer_closes_total").increment(1);
+    }
+}
+
+pub fn resume(outcome: &'static str) {
+    counter!("fanout_resumes_total", "outcome" => outcome).increment(1);
+}
+
+pub fn follower_restart(reason: &'static str) {
+    counter!("fanout_follower_restarts_total", "reason" => reason).increment(1);
+}
+
+pub fn follower_ready(ready: bool) {
+    gauge!("fanout_follower_ready").set(if ready { 1.0 } else { 0.0 });
+}

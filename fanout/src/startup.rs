@@ -1,0 +1,186 @@
+//! Building and running the server: [`Application::build`] binds the listener and
+//! wires the state; [`Application::run_until_stopped`] runs the HTTP server, the
+//! follower and metrics upkeep until the shutdown future resolves or one of them dies.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use shared::claims::JwtKeys;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::trace::TraceLayer;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::follower::{Follower, FollowerStatus};
+use crate::hub::Hub;
+use crate::resume::History;
+use crate::state::{AppState, Limits, Slots};
+use crate::{health, ws};
+
+/// Pending connections the listener queues while the server accepts.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A built, not yet running, fanout server.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    follower: Follower,
+    shutdown_grace: Duration,
+}
+
+impl Application {
+    /// Binds the listener (port 0 picks a free one) and connects to NATS (in the
+    /// background if it is not up yet: readiness stays false until following).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Install the recorder before any metric handle is created.
+        let _ = shared::telemetry::metrics_handle();
+        let listener = bind(config.listen)?;
+        let client = config.nats.connect("fanout").await?;
+        let js = async_nats::jetstream::new(client.clone());
+        let hub = Hub::new(config.queue_capacity, config.replay_window);
+        let status = Arc::new(FollowerStatus::default());
+        let follower = Follower {
+            client: client.clone(),
+            js: js.clone(),
+            stream_name: config.nats.stream_name.clone(),
+            subjects: config.nats.subject_prefix.clone(),
+            hub: hub.clone(),
+            status: status.clone(),
+            heartbeat: config.follow_heartbeat(),
+        };
+        let state = AppState {
+            keys: JwtKeys::new(&config.jwt_secret),
+            hub,
+            history: History {
+                js,
+                stream_name: config.nats.stream_name.clone(),
+                subjects: config.nats.subject_prefix.clone(),
+            },
+            limits: Limits {
+                heartbeat: config.heartbeat(),
+                write_timeout: config.write_timeout(),
+                max_client_message: config.max_client_message,
+                hard_client_message: config.max_client_message.saturating_mul(16).max(1024),
+            },
+            slots: Slots::new(config.max_connections),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            follower: status,
+            nats: client,
+        };
+        Ok(Self {
+            listener,
+            state,
+            follower,
+            shutdown_grace: config.shutdown_grace(),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` resolves, then closes every socket with 1012 and waits
+    /// (up to the grace period) for the close frames to go out. Returns an error if the
+    /// server, the follower or metrics upkeep stops on its own.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            follower,
+            shutdown_grace,
+        } = self;
+        let app = router(state.clone());
+        let cancel = state.shutdown.clone();
+        let stop = cancel.clone();
+        let server = tokio::spawn(
+            async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        tokio::select! {
+                            _ = shutdown => {},
+                            _ = stop.cancelled() => {},
+                        }
+                        stop.cancel();
+                    })
+                    .await
+                    .context("HTTP server failed")
+            }
+            .instrument(tracing::info_span!("http_server")),
+        );
+        let follower = tokio::spawn(follower.run().instrument(tracing::info_span!("follower")));
+        let upkeep = tokio::spawn(
+            async {
+                let handle = shared::telemetry::metrics_handle();
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    handle.run_upkeep();
+                }
+            }
+            .instrument(tracing::info_span!("metrics_upkeep")),
+        );
+
+        let outcome = tokio::select! {
+            result = server => match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error),
+                Err(join) => Err(anyhow::anyhow!("HTTP server task died: {join}")),
+            },
+            result = follower => Err(anyhow::anyhow!("follower task stopped: {:?}", result.map(|r| r.err()))),
+            result = upkeep => Err(anyhow::anyhow!("metrics upkeep task stopped: {result:?}")),
+        };
+        if let Err(error) = &outcome {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "a long-lived task died; stopping"
+            );
+        }
+        // Sockets close with 1012 so clients reconnect to another replica.
+        cancel.cancel();
+        state.tracker.close();
+        if tokio::time::timeout(shutdown_grace, state.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = state.slots.used(),
+                "connections still open after the grace period"
+            );
+        }
+        tracing::info!("fanout stopped");
+        outcome
+    }
+}
+
+fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding {addr}"))?;
+    socket
+        .listen(LISTEN_BACKLOG)
+        .with_context(|| format!("listening on {addr}"))
+}
+
+/// Every route with tracing.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(ws::router())
+        .merge(health::router())
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,102 @@
+//! The state every handler and connection shares.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use shared::claims::JwtKeys;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::follower::FollowerStatus;
+use crate::hub::Hub;
+use crate::resume::History;
+
+#[derive(Clone)]
+pub struct AppState {
+    /// Verifies client tokens on upgrade.
+    pub keys: JwtKeys,
+    /// Who is connected and the latest events; the follower feeds it.
+    pub hub: Arc<Hub>,
+    /// Reads JetStream for resumes reaching past the hub's window.
+    pub history: History,
+    /// Per-connection socket and protocol limits.
+    pub limits: Limits,
+    /// Connection slots of this replica, so one replica never takes more than it can hold.
+    pub slots: Arc<Slots>,
+    /// Cancelled on shutdown: every socket closes with 1012.
+    pub shutdown: CancellationToken,
+    /// Counts connection tasks so shutdown waits for their close frames.
+    pub tracker: TaskTracker,
+    /// Whether the follower is following, for `/readyz`.
+    pub follower: Arc<FollowerStatus>,
+    /// The NATS connection, for `/readyz`.
+    pub nats: async_nats::Client,
+}
+
+/// Per-connection limits, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Server ping interval, announced in `hello` as `heartbeat_s`.
+    pub heartbeat: Duration,
+    /// Longest a single write to a client may take.
+    pub write_timeout: Duration,
+    /// Client messages up to this size get an `error` frame when not understood.
+    pub max_client_message: usize,
+    /// Client messages over this size close the connection with 1009.
+    pub hard_client_message: usize,
+}
+
+/// A counter of open connections with a ceiling.
+#[derive(Debug)]
+pub struct Slots {
+    used: AtomicUsize,
+    max: usize,
+}
+
+/// One taken slot, given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<Slots>);
+
+impl Slots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used < self.max).then_some(used + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_run_out_at_the_limit_and_come_back_when_dropped() {
+        let slots = Slots::new(2);
+        let a = slots.try_acquire().unwrap();
+        let _b = slots.try_acquire().unwrap();
+        assert!(slots.try_acquire().is_none());
+        drop(a);
+        assert!(slots.try_acquire().is_some());
+    }
+}
