@@ -28,7 +28,8 @@ impl Cli {
     pub fn parse_with_default() -> Self {
         let args: Vec<String> = std::env::args().collect();
         let has_subcommand = args.get(1).is_some_and(|a| !a.starts_with('-'));
-        let asks_top_level = args.iter().skip(1).any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"));
+        let asks_top_level =
+            args.iter().skip(1).any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"));
         if has_subcommand || asks_top_level {
             Self::parse()
         } else {

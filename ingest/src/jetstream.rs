@@ -53,10 +53,7 @@ pub async fn ensure_stream(js: &jetstream::Context, spec: &StreamSpec) -> anyhow
             Ok(_) => tracing::info!(subjects = ?wanted.subjects, "stream created"),
             // Another replica may have created it between our look-up and create.
             Err(create_error) => {
-                js.get_stream(&spec.name)
-                    .await
-                    .map_err(|_| create_error)
-                    .context("creating stream")?;
+                js.get_stream(&spec.name).await.map_err(|_| create_error).context("creating stream")?;
             }
         },
     }

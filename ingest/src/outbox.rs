@@ -43,10 +43,8 @@ pub async fn enqueue(
         return Ok(());
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-    let subject_names: Vec<String> = events
-        .iter()
-        .map(|e| subjects.event(&e.account_id, e.chat_id.as_deref(), e.event_type))
-        .collect();
+    let subject_names: Vec<String> =
+        events.iter().map(|e| subjects.event(&e.account_id, e.chat_id.as_deref(), e.event_type)).collect();
     let payloads: Vec<Vec<u8>> = events.iter().map(Envelope::to_bytes).collect();
     sqlx::query(
         "insert into outbox (event_id, subject, payload)
@@ -88,7 +86,13 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, js: jetstream::Context, stream: StreamSpec, args: OutboxArgs, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        js: jetstream::Context,
+        stream: StreamSpec,
+        args: OutboxArgs,
+        wake: Arc<Notify>,
+    ) -> Self {
         Self { pool, js, stream, args, wake }
     }
 
@@ -108,7 +112,9 @@ impl Relay {
             if !stream_ready {
                 match ensure_stream(&self.js, &self.stream).await {
                     Ok(()) => stream_ready = true,
-                    Err(e) => tracing::warn!(error = %e, "stream not ready; events stay in the outbox"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stream not ready; events stay in the outbox")
+                    }
                 }
             }
             if stream_ready {
@@ -200,7 +206,12 @@ impl Relay {
             metrics::histogram!("outbox_publish_lag_seconds").record(lag.as_secs_f64());
         }
         metrics::counter!("outbox_published_total").increment(acked.len() as u64);
-        anyhow::ensure!(acked.len() == rows.len(), "{} of {} events were not acked", rows.len() - acked.len(), rows.len());
+        anyhow::ensure!(
+            acked.len() == rows.len(),
+            "{} of {} events were not acked",
+            rows.len() - acked.len(),
+            rows.len()
+        );
         Ok(Round::Published(rows.len()))
     }
 

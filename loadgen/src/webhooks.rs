@@ -101,7 +101,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let statuses = statuses.lock().await;
     let accepted: u64 = statuses.iter().filter(|(k, _)| k.starts_with("200")).map(|(_, v)| v).sum();
-    println!("sent {} in {:.2}s (target {}/s), all answered after {:.2}s", total - skipped, send_window.as_secs_f64(), args.rate, elapsed.as_secs_f64());
+    println!(
+        "sent {} in {:.2}s (target {}/s), all answered after {:.2}s",
+        total - skipped,
+        send_window.as_secs_f64(),
+        args.rate,
+        elapsed.as_secs_f64()
+    );
     println!("achieved: {:.0} answered 200/s", accepted as f64 / elapsed.as_secs_f64());
     println!("statuses: {}", statuses.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
     if skipped > 0 {
@@ -116,7 +122,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 fn delivery(run_id: &str, n: u64, accounts: usize, chats: usize) -> String {
     let account = n as usize % accounts.max(1);
     let chat = (n as usize / accounts.max(1)) % chats.max(1);
-    let is_sender = n % 5 == 0;
+    let is_sender = n.is_multiple_of(5);
     let provider = ["WHATSAPP", "LINKEDIN", "INSTAGRAM", "TELEGRAM"][account % 4];
     json!({
         "event": "message_received",
@@ -144,4 +150,3 @@ fn delivery(run_id: &str, n: u64, accounts: usize, chats: usize) -> String {
     })
     .to_string()
 }
-

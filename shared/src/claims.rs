@@ -114,7 +114,8 @@ mod tests {
     #[test]
     fn an_expired_token_is_refused() {
         let k = keys("s");
-        let token = k.sign(&Claims { sub: "u".into(), exp: chrono::Utc::now().timestamp() - 5, accounts: vec![] });
+        let token =
+            k.sign(&Claims { sub: "u".into(), exp: chrono::Utc::now().timestamp() - 5, accounts: vec![] });
         assert_eq!(k.verify(&token), Err(TokenError::Expired));
     }
 

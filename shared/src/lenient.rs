@@ -69,10 +69,7 @@ where
     D: Deserializer<'de>,
     T: serde::de::DeserializeOwned,
 {
-    Ok(one_or_many(deserializer)?
-        .into_iter()
-        .filter_map(|v| serde_json::from_value(v).ok())
-        .collect())
+    Ok(one_or_many(deserializer)?.into_iter().filter_map(|v| serde_json::from_value(v).ok()).collect())
 }
 
 #[cfg(test)]

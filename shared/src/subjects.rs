@@ -56,13 +56,7 @@ impl Subjects {
     /// The subject of one event.
     pub fn event(&self, account_id: &str, chat_id: Option<&str>, event_type: EventType) -> String {
         let chat = chat_id.map(encode_token).unwrap_or(Cow::Borrowed(NO_CHAT));
-        format!(
-            "{}.{}.{}.{}",
-            self.prefix,
-            encode_token(account_id),
-            chat,
-            event_type.subject_token()
-        )
+        format!("{}.{}.{}.{}", self.prefix, encode_token(account_id), chat, event_type.subject_token())
     }
 
     /// Everything: what the stream captures and what fanout follows.
@@ -135,10 +129,7 @@ mod tests {
     fn special_ids_stay_inside_one_token_and_round_trip() {
         for id in ["a.b", "*", ">", "acc >", "a b\tc", "~x", "é", "a.*.>", "acc\r\n"] {
             let token = encode_token(id);
-            assert!(
-                !token.contains(['.', '*', '>', ' ', '\t', '\r', '\n']),
-                "{id:?} leaked into {token:?}"
-            );
+            assert!(!token.contains(['.', '*', '>', ' ', '\t', '\r', '\n']), "{id:?} leaked into {token:?}");
             assert_eq!(decode_token(&token).as_deref(), Some(id));
             let subject = subjects().event(id, Some(id), EventType::ChatRead);
             let parts = subjects().parse(&subject).expect("parses back");

@@ -38,13 +38,8 @@ impl MessagingEventKind {
     }
 
     /// The events the relay subscribes its messaging webhook to.
-    pub const SUBSCRIBED: [&'static str; 5] = [
-        "message_received",
-        "message_read",
-        "message_reaction",
-        "message_edited",
-        "message_deleted",
-    ];
+    pub const SUBSCRIBED: [&'static str; 5] =
+        ["message_received", "message_read", "message_reaction", "message_edited", "message_deleted"];
 }
 
 impl From<&str> for MessagingEventKind {
@@ -232,9 +227,7 @@ fn id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
 }
 
 /// A timestamp as RFC 3339 text or as epoch milliseconds; anything else reads as absent.
-fn opt_timestamp<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<DateTime<Utc>>, D::Error> {
+fn opt_timestamp<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
     Ok(match Value::deserialize(deserializer)? {
         Value::String(s) => DateTime::parse_from_rfc3339(s.trim())
             .map(|t| t.with_timezone(&Utc))

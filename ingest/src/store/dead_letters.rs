@@ -14,14 +14,12 @@ pub async fn insert(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "insert into dead_letters (endpoint, reason, content_type, body) values ($1, $2, $3, $4)",
-    )
-    .bind(endpoint)
-    .bind(reason)
-    .bind(content_type)
-    .bind(body)
-    .execute(pool)
-    .await?;
+    sqlx::query("insert into dead_letters (endpoint, reason, content_type, body) values ($1, $2, $3, $4)")
+        .bind(endpoint)
+        .bind(reason)
+        .bind(content_type)
+        .bind(body)
+        .execute(pool)
+        .await?;
     Ok(())
 }

@@ -1,1 +1,11 @@
+//! Integration tests of ingest against the real PostgreSQL and NATS.
+//!
+//! They need PostgreSQL (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres)
+//! and NATS with JetStream (NATS_URL, default nats://127.0.0.1:4222); `.ci/run` makes
+//! sure both are up. A test fails with a clear message when one is missing.
 
+#[allow(dead_code)] // each test module uses a different part of the harness
+mod helpers;
+mod outage;
+mod startup;
+mod webhooks;

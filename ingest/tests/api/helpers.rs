@@ -1,0 +1,357 @@
+//! Test harness: a real ingest on a free port, a fresh database, an isolated stream.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use clap::Parser;
+use futures::StreamExt;
+use ingest::config::ServeConfig;
+use ingest::startup::Application;
+use secrecy::SecretString;
+use serde_json::Value;
+use shared::claims::JwtKeys;
+use shared::envelope::Envelope;
+use shared::subjects::Subjects;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
+pub const JWT_SECRET: &str = "test-jwt-secret";
+
+/// The server under test and handles on what it writes to.
+pub struct TestApp {
+    pub address: String,
+    pub port: u16,
+    /// A direct connection pool to the test's own database.
+    pub db: PgPool,
+    pub database_url: String,
+    pub nats_url: String,
+    pub js: jetstream::Context,
+    pub stream_name: String,
+    pub subjects: Subjects,
+    pub client: reqwest::Client,
+    pub jwt: JwtKeys,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Settings a test may change before the app starts.
+pub struct Options {
+    /// Connect ingest's pool to the test database through this port (a [`DbProxy`])
+    /// instead of directly.
+    pub database_port: Option<u16>,
+    pub nats_url: String,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { database_port: None, nats_url: nats_url(), extra_args: Vec::new() }
+    }
+}
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// The PostgreSQL server's maintenance database, where test databases are created.
+pub fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Creates an empty database with a unique name; returns its URL.
+pub async fn create_database() -> String {
+    let admin = admin_database_url();
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL must be running at {admin} (set DATABASE_URL): {e}"));
+    let name = format!("test_ingest_{}", Uuid::new_v4().simple());
+    conn.execute(format!(r#"create database "{name}""#).as_str()).await.expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database name");
+    format!("{base}/{name}")
+}
+
+fn with_port(url: &str, port: Option<u16>) -> String {
+    let Some(port) = port else {
+        return url.to_owned();
+    };
+    let mut url = reqwest::Url::parse(url).expect("DATABASE_URL is a URL");
+    url.set_port(Some(port)).expect("DATABASE_URL has a host");
+    url.to_string()
+}
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    config: ServeConfig,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    let database_url = create_database().await;
+    let id = Uuid::new_v4().simple().to_string();
+    let stream_name = format!("TEST_{id}");
+    let prefix = format!("test{id}.events");
+    let mut args = vec![
+        "ingest".to_owned(),
+        "--listen=127.0.0.1:0".to_owned(),
+        format!("--webhook-secret={WEBHOOK_SECRET}"),
+        format!("--jwt-secret={JWT_SECRET}"),
+        format!("--database-url={}", with_port(&database_url, options.database_port)),
+        format!("--nats-url={}", options.nats_url),
+        format!("--stream-name={stream_name}"),
+        format!("--subject-prefix={prefix}"),
+        "--outbox-sweep-ms=200".to_owned(),
+        "--database-acquire-timeout-ms=1500".to_owned(),
+    ];
+    args.extend(options.extra_args);
+    let config = Args::try_parse_from(args).expect("test configuration parses").config;
+    let app = Application::build(config).await.expect("ingest builds");
+    let port = app.port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+
+    let nats = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(options.nats_url.as_str())
+        .await
+        .expect("NATS must be running (set NATS_URL)");
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        db: PgPool::connect(&database_url).await.expect("connect to test database"),
+        database_url,
+        nats_url: options.nats_url,
+        js: jetstream::new(nats),
+        stream_name,
+        subjects: Subjects::new(prefix).unwrap(),
+        client: reqwest::Client::new(),
+        jwt: JwtKeys::new(&SecretString::from(JWT_SECRET)),
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+pub fn fixture(name: &str) -> Value {
+    let path = format!("{}/../fixtures/unipile/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+/// A `message_received` delivery with fresh ids, shaped like the WhatsApp fixture.
+pub fn message_received(account_id: &str, chat_id: &str, is_sender: bool) -> Value {
+    let mut v = fixture("message_received_whatsapp.json");
+    v["account_id"] = account_id.into();
+    v["chat_id"] = chat_id.into();
+    v["message_id"] = format!("msg_{}", Uuid::new_v4().simple()).into();
+    v["is_sender"] = is_sender.into();
+    v
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// Posts raw bytes to a webhook endpoint with the right secret.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("Unipile-Auth", WEBHOOK_SECRET)
+            .header("Content-Type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("ingest answers")
+    }
+
+    /// Posts a messaging delivery; returns the HTTP status and the JSON body.
+    pub async fn post_message(&self, body: &Value) -> (u16, Value) {
+        let response =
+            self.post_raw("/api/webhooks/unipile/messages", "application/json", body.to_string()).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Posts a messaging delivery and asserts it was answered 200 with `status`.
+    pub async fn post_message_expect(&self, body: &Value, status: &str) {
+        let (code, answer) = self.post_message(body).await;
+        assert_eq!((code, answer["status"].as_str()), (200, Some(status)), "answer: {answer}");
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.db).await.expect(sql)
+    }
+
+    /// Waits until the stream holds at least `n` events (or `timeout`), then returns
+    /// every event in it, in stream order.
+    pub async fn stream_events(&self, n: usize, timeout: Duration) -> Vec<(u64, Envelope)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let held = match self.js.get_stream(&self.stream_name).await {
+                Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+                Err(_) => 0,
+            };
+            if held as usize >= n || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.read_stream().await
+    }
+
+    /// Every event in the stream right now.
+    pub async fn read_stream(&self) -> Vec<(u64, Envelope)> {
+        let Ok(mut stream) = self.js.get_stream(&self.stream_name).await else {
+            return Vec::new();
+        };
+        let held = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
+        if held == 0 {
+            return Vec::new();
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .expect("ordered consumer");
+        let mut messages = consumer.messages().await.expect("consume");
+        let mut events = Vec::new();
+        while (events.len() as u64) < held {
+            let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .expect("stream delivers what it holds")
+                .expect("stream open")
+                .expect("message");
+            let seq = message.info().expect("jetstream message").stream_sequence;
+            let envelope: Envelope =
+                serde_json::from_slice(&message.payload).expect("payload is an envelope");
+            events.push((seq, envelope));
+        }
+        events
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A private nats-server on a free port, so a test can stop and restart it.
+pub struct NatsServer {
+    pub port: u16,
+    store: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let store = std::env::temp_dir().join(format!("nats-test-{}", Uuid::new_v4().simple()));
+        let mut server = Self { port, store, child: None };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on the same port and store; waits until it listens.
+    pub async fn restart(&mut self) {
+        let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
+        let child = Command::new(&binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {binary} (set NATS_SERVER_BIN): {e}"));
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// A TCP forwarder in front of PostgreSQL that a test can cut, to play a database outage.
+pub struct DbProxy {
+    pub port: u16,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl DbProxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let (target, token) = (target.to_owned(), cut.clone());
+        tokio::spawn(async move {
+            let mut links = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { continue };
+                        let target = target.clone();
+                        links.spawn(async move {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
+                    }
+                }
+            }
+            // Dropping the listener refuses new connections; aborting the links kills
+            // the open ones.
+            links.abort_all();
+        });
+        Self { port, cut }
+    }
+
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}

@@ -1,0 +1,54 @@
+//! Start-up as an operator sees it: required settings, health endpoints.
+
+use std::process::Command;
+
+use crate::helpers::spawn_app;
+
+fn ingest_without(missing: &str) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
+    command
+        .env_clear()
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+        .env("WEBHOOK_SECRET", "s")
+        .env("JWT_SECRET", "j")
+        .env("INGEST_LISTEN", "127.0.0.1:0")
+        .env_remove(missing);
+    command.output().expect("ingest runs")
+}
+
+#[test]
+fn ingest_refuses_to_start_without_its_secrets_and_names_them() {
+    for variable in ["WEBHOOK_SECRET", "JWT_SECRET"] {
+        let output = ingest_without(variable);
+        assert!(!output.status.success(), "started without {variable}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(variable), "error for missing {variable} should name it: {stderr}");
+    }
+}
+
+#[test]
+fn an_empty_secret_is_refused_too() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ingest"))
+        .env_clear()
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+        .env("WEBHOOK_SECRET", "  ")
+        .env("JWT_SECRET", "j")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("WEBHOOK_SECRET"));
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let app = spawn_app().await;
+    let health = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["nats"], "ok");
+    app.post_message_expect(&crate::helpers::message_received("acc_m", "chat_m", false), "accepted").await;
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("webhooks_total"), "{metrics}");
+    assert!(metrics.contains("webhook_ack_seconds"), "{metrics}");
+}
