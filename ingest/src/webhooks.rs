@@ -24,11 +24,13 @@ use chrono::Utc;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::unipile::{MessagingEvent, MessagingEventKind};
+use shared::unipile::{AccountStatusDelivery, MessagingEvent, MessagingEventKind};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::accounts::StatusChange;
+use crate::store::updates::MessageUpdate;
 use crate::store::{NewMessage, Outcome, StoreError, Write, dead_letters};
 
 pub const MESSAGES_PATH: &str = "/api/webhooks/unipile/messages";
@@ -156,7 +158,8 @@ where
         Err(_) => "unavailable",
     };
     metrics::counter!("webhooks_total", "endpoint" => endpoint, "outcome" => outcome).increment(1);
-    metrics::histogram!("webhook_ack_seconds", "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("webhook_ack_seconds", "endpoint" => endpoint)
+        .record(started.elapsed().as_secs_f64());
     result.map(|status| Json(Ack { status }))
 }
 
@@ -170,19 +173,27 @@ async fn handle_messaging(state: AppState, value: Value) -> Result<Decision, Sto
         Err(reason) => return Ok(Decision::DeadLetter(reason)),
     };
     let write = match &event.event {
-        MessagingEventKind::MessageReceived => Write::Message(NewMessage::from_webhook(&event, value, Utc::now())),
+        MessagingEventKind::MessageReceived => {
+            Write::Message(NewMessage::from_webhook(&event, value, Utc::now()))
+        }
         MessagingEventKind::Other(name) => {
             return Ok(Decision::DeadLetter(format!("unknown event {name:?}")));
         }
-        known => {
-            return Ok(Decision::DeadLetter(format!("event {:?} is not handled yet", known.as_str())));
-        }
+        known => match MessageUpdate::from_webhook(&event, Utc::now()) {
+            Some(update) => Write::Update(update),
+            None => return Ok(Decision::DeadLetter(format!("event {:?} is not handled", known.as_str()))),
+        },
     };
     state.batcher.submit(write).await.map(Decision::Stored)
 }
 
-async fn handle_account_status(_state: AppState, _value: Value) -> Result<Decision, StoreError> {
-    Ok(Decision::DeadLetter("account status events are not handled yet".to_owned()))
+async fn handle_account_status(state: AppState, value: Value) -> Result<Decision, StoreError> {
+    let delivery = match AccountStatusDelivery::deserialize(&value) {
+        Ok(delivery) => delivery,
+        Err(e) => return Ok(Decision::DeadLetter(format!("unusable account status: {e}"))),
+    };
+    let write = Write::AccountStatus(StatusChange::from_webhook(&delivery, Utc::now()));
+    state.batcher.submit(write).await.map(Decision::Stored)
 }
 
 /// Reads a messaging delivery, or says why it cannot be used.

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::{Outcome, StoreError, Write, is_retryable, messages};
+use super::{Outcome, StoreError, Write, accounts, chats, is_retryable, messages, updates};
 use crate::config::BatchArgs;
 use crate::outbox;
 
@@ -154,13 +154,38 @@ pub async fn commit(
     let (indexes, new_messages): (Vec<usize>, Vec<&messages::NewMessage>) = writes
         .iter()
         .enumerate()
-        .map(|(i, w)| match w {
-            Write::Message(m) => (i, m),
+        .filter_map(|(i, w)| match w {
+            Write::Message(m) => Some((i, m)),
+            _ => None,
         })
         .unzip();
     for (i, inserted) in indexes.into_iter().zip(messages::insert(&mut tx, &new_messages).await?) {
         outcomes[i] = inserted.outcome;
         events.extend(inserted.event.map(|e| (i, e)));
+    }
+
+    // After the inserts, so an update finds a message of the same batch. Messages are
+    // locked before chats and accounts, as the inserts do.
+    let (update_indexes, message_updates) = of_kind(writes, |w| match w {
+        Write::Update(u) => Some(u),
+        _ => None,
+    });
+    let applied = updates::apply(&mut tx, &message_updates).await?;
+    let (status_indexes, status_changes) = of_kind(writes, |w| match w {
+        Write::AccountStatus(s) => Some(s),
+        _ => None,
+    });
+    let status_applied = accounts::apply(&mut tx, &status_changes).await?;
+    let (read_indexes, reads) = of_kind(writes, |w| match w {
+        Write::MarkRead(r) => Some(r),
+        _ => None,
+    });
+    let read_applied = chats::mark_read(&mut tx, &reads).await?;
+    let done = update_indexes.into_iter().zip(applied);
+    let done = done.chain(status_indexes.into_iter().zip(status_applied));
+    for (i, applied) in done.chain(read_indexes.into_iter().zip(read_applied)) {
+        outcomes[i] = applied.outcome;
+        events.extend(applied.event.map(|e| (i, e)));
     }
 
     // Events leave in the order their deliveries were queued.
@@ -169,6 +194,14 @@ pub async fn commit(
     outbox::enqueue(&mut tx, subjects, &envelopes).await?;
     tx.commit().await?;
     Ok((outcomes, envelopes.len()))
+}
+
+/// The writes `pick` selects, with their places in the batch.
+fn of_kind<'a, T>(
+    writes: &[&'a Write],
+    pick: impl Fn(&'a Write) -> Option<&'a T>,
+) -> (Vec<usize>, Vec<&'a T>) {
+    writes.iter().enumerate().filter_map(|(i, w)| pick(w).map(|t| (i, t))).unzip()
 }
 
 /// `sqlx::Error` is not `Clone`; every job of a failed batch gets an equivalent error.

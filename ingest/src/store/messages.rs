@@ -16,7 +16,7 @@ use sqlx::{Postgres, Transaction};
 use super::Outcome;
 
 /// How long a chat's last-message preview may be, in characters.
-const PREVIEW_CHARS: usize = 160;
+pub(crate) const PREVIEW_CHARS: usize = 160;
 
 /// A message to store, normalised from a webhook or from the history API.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,7 +119,8 @@ pub struct Inserted {
 /// Stores `messages` in the caller's transaction; returns one result per message, in order.
 ///
 /// A message id seen before (in the database or earlier in the same slice) is a
-/// duplicate and changes nothing.
+/// duplicate and changes nothing, unless it is a placeholder an update created before
+/// the message came (see [`super::updates`]): that one is filled in and counts as new.
 pub async fn insert(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[&NewMessage],
@@ -141,14 +142,19 @@ pub async fn insert(
 
     // Unread count after each message: the chat's final count minus the unread
     // messages of this batch that come after it.
-    let mut unread_after: HashMap<&str, i64> = chats.iter().map(|(id, c)| (id.as_str(), c.unread_count)).collect();
+    let mut unread_after: HashMap<&str, i64> =
+        chats.iter().map(|(id, c)| (id.as_str(), c.unread_count)).collect();
     let mut results: Vec<Inserted> = Vec::with_capacity(messages.len());
     for (m, &is_new) in messages.iter().zip(&stored).rev() {
         let outcome = if is_new { Outcome::Accepted } else { Outcome::Duplicate };
         let event = (is_new && m.live).then(|| {
             let chat = &chats[&m.chat_id];
             let unread = unread_after.get_mut(m.chat_id.as_str()).expect("every stored chat was bumped");
-            let view = ChatView { id: m.chat_id.clone(), unread_count: *unread, last_message_at: chat.last_message_at };
+            let view = ChatView {
+                id: m.chat_id.clone(),
+                unread_count: *unread,
+                last_message_at: chat.last_message_at,
+            };
             if !m.is_sender {
                 *unread -= 1;
             }
@@ -166,7 +172,10 @@ pub async fn insert(
     Ok(results)
 }
 
-async fn upsert_accounts(tx: &mut Transaction<'_, Postgres>, messages: &[&NewMessage]) -> Result<(), sqlx::Error> {
+async fn upsert_accounts(
+    tx: &mut Transaction<'_, Postgres>,
+    messages: &[&NewMessage],
+) -> Result<(), sqlx::Error> {
     let accounts: BTreeMap<&str, Option<&str>> =
         messages.iter().map(|m| (m.account_id.as_str(), m.account_type.as_deref())).collect();
     let (ids, types): (Vec<&str>, Vec<Option<&str>>) = accounts.into_iter().unzip();
@@ -183,7 +192,10 @@ async fn upsert_accounts(tx: &mut Transaction<'_, Postgres>, messages: &[&NewMes
     Ok(())
 }
 
-async fn upsert_chats(tx: &mut Transaction<'_, Postgres>, messages: &[&NewMessage]) -> Result<(), sqlx::Error> {
+async fn upsert_chats(
+    tx: &mut Transaction<'_, Postgres>,
+    messages: &[&NewMessage],
+) -> Result<(), sqlx::Error> {
     let mut chats: BTreeMap<&str, &NewMessage> = BTreeMap::new();
     for m in messages {
         chats.entry(m.chat_id.as_str()).or_insert(m);
@@ -210,13 +222,15 @@ async fn upsert_chats(tx: &mut Transaction<'_, Postgres>, messages: &[&NewMessag
     Ok(())
 }
 
-/// Inserts the rows in id order; returns the ids that were new.
+/// Inserts the rows in id order, filling in placeholders; returns the ids that were new.
 async fn insert_rows(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[&NewMessage],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut sorted: Vec<&NewMessage> = messages.to_vec();
     sorted.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    // `do update` may not touch a row twice in one statement: the first of an id only.
+    sorted.dedup_by(|later, first| later.message_id == first.message_id);
     let json_text = |v: &Value| v.to_string();
     let ids: Vec<&str> = sorted.iter().map(|m| m.message_id.as_str()).collect();
     let chats: Vec<&str> = sorted.iter().map(|m| m.chat_id.as_str()).collect();
@@ -226,7 +240,8 @@ async fn insert_rows(
     let senders: Vec<String> = sorted.iter().map(|m| json_text(&json!(m.sender))).collect();
     let is_sender: Vec<bool> = sorted.iter().map(|m| m.is_sender).collect();
     let sent_at: Vec<DateTime<Utc>> = sorted.iter().map(|m| m.sent_at).collect();
-    let attachments: Vec<String> = sorted.iter().map(|m| json_text(&Value::from(m.attachments.clone()))).collect();
+    let attachments: Vec<String> =
+        sorted.iter().map(|m| json_text(&Value::from(m.attachments.clone()))).collect();
     let quoted: Vec<Option<String>> = sorted.iter().map(|m| m.quoted.as_ref().map(json_text)).collect();
     let raw: Vec<Option<String>> = sorted.iter().map(|m| m.raw.as_ref().map(json_text)).collect();
     let new_ids: Vec<String> = sqlx::query_scalar(
@@ -239,7 +254,15 @@ async fn insert_rows(
                      $7::bool[], $8::timestamptz[], $9::text[], $10::text[], $11::text[])
               as t(id, chat_id, account_id, provider_message_id, text, sender, is_sender,
                    sent_at, attachments, quoted, raw)
-         on conflict (id) do nothing
+         on conflict (id) do update set
+             provider_message_id = excluded.provider_message_id,
+             text = case when messages.edited_at is null then excluded.text else messages.text end,
+             sender = excluded.sender, is_sender = excluded.is_sender, sent_at = excluded.sent_at,
+             attachments = excluded.attachments, quoted = excluded.quoted, raw = excluded.raw,
+             placeholder = false, updated_at = now()
+         -- Only a placeholder (an update that came first) is filled in; a message deleted
+         -- before it arrived stays a hidden tombstone.
+         where messages.placeholder and messages.deleted_at is null
          returning id",
     )
     .bind(ids)

@@ -5,9 +5,13 @@
 //! transaction (accounts, chats, messages, unread counts, outbox rows; a few statements
 //! per batch, not per delivery) and answer each handler only after that commit.
 
+pub mod accounts;
 pub mod batcher;
+pub mod chats;
 pub mod dead_letters;
 pub mod messages;
+pub mod updates;
+pub mod views;
 
 pub use batcher::Batcher;
 pub use messages::NewMessage;
@@ -29,6 +33,12 @@ pub enum Outcome {
 pub enum Write {
     /// A new message (live from a webhook, or historical from a backfill).
     Message(NewMessage),
+    /// A read receipt, reaction, edit, deletion or delivery of a message.
+    Update(updates::MessageUpdate),
+    /// An account's new status.
+    AccountStatus(accounts::StatusChange),
+    /// A chat marked read through the REST API.
+    MarkRead(chats::MarkRead),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +53,5 @@ pub enum StoreError {
 
 /// Whether a database error is worth retrying the whole transaction for.
 pub(crate) fn is_retryable(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| code == "40P01" || code == "40001")
+    error.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "40P01" || code == "40001")
 }

@@ -1,0 +1,502 @@
+//! Read receipts, reactions, edits, deletions and delivery receipts of stored messages.
+//!
+//! [`apply`] runs inside the batch's transaction, after new messages are inserted, so an
+//! update that arrives in the same batch as its message finds it. For every update it
+//! locks the message row (all rows of the batch in id order, like the message insert),
+//! works out the new state, writes the changed rows back in one statement and returns an
+//! event per real change.
+//!
+//! Rules, all idempotent (a repeated delivery changes nothing, answers `duplicate` and
+//! emits nothing):
+//! - read: `seen` becomes true with `seen_at` = the event's time.
+//! - delivered: `delivered_at` is set; no event (the contract has no such type).
+//! - reaction: one reaction per person; a new emoji replaces theirs, an empty one removes
+//!   it. One older than the person's stored reaction is stale and `ignored`.
+//! - edit: the text is replaced and `edited_at` = the event's time, unless the message is
+//!   deleted or the stored edit is newer (`ignored`). Edits with the same time apply in
+//!   arrival order (Unipile stamps edits with the message's own time).
+//! - delete: a tombstone (`deleted_at`); the row, its id and its place stay.
+//!
+//! An update for a message the relay never saw creates a placeholder row (see the
+//! migration `20261129000005_inbox_updates.sql`), with the chat and account if those are
+//! unknown too. The update applies to the placeholder and its event goes out with
+//! `"placeholder": true`; the `message_received` or backfill that brings the message later
+//! fills the row in, keeping the update.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use shared::envelope::{Envelope, EventType};
+use shared::unipile::{MessagingEvent, MessagingEventKind};
+use sqlx::{Postgres, Transaction};
+
+use super::Outcome;
+use super::messages::{NewMessage, PREVIEW_CHARS, sender_view};
+use super::views::{MESSAGE_COLUMNS, MessageRow, Person, Reaction};
+
+/// What happened to a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Read,
+    Delivered,
+    /// `value` `None` (or empty) removes `by`'s reaction.
+    Reaction {
+        value: Option<String>,
+        by: Person,
+    },
+    Edited {
+        text: Option<String>,
+    },
+    Deleted,
+}
+
+/// One update of one message, normalised from a webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageUpdate {
+    /// The message as far as the update tells it: what a placeholder is made of.
+    pub message: NewMessage,
+    pub change: Change,
+    /// When Unipile says it happened (the delivery's `timestamp`, else when it arrived).
+    pub at: DateTime<Utc>,
+}
+
+impl MessageUpdate {
+    /// Normalises a read, reaction, edit, deletion or delivery webhook; `None` for any
+    /// other event.
+    pub fn from_webhook(event: &MessagingEvent, received_at: DateTime<Utc>) -> Option<Self> {
+        let change = match &event.event {
+            MessagingEventKind::MessageRead => Change::Read,
+            MessagingEventKind::MessageDelivered => Change::Delivered,
+            MessagingEventKind::MessageReaction => Change::Reaction {
+                value: event.reaction.clone().filter(|r| !r.trim().is_empty()),
+                by: event.reaction_sender.as_ref().map(|a| Person::from(sender_view(a))).unwrap_or_default(),
+            },
+            MessagingEventKind::MessageEdited => Change::Edited { text: event.message.clone() },
+            MessagingEventKind::MessageDeleted => Change::Deleted,
+            MessagingEventKind::MessageReceived | MessagingEventKind::Other(_) => return None,
+        };
+        let mut message = NewMessage::from_webhook(event, Value::Null, received_at);
+        message.raw = None;
+        message.live = false;
+        if matches!(change, Change::Edited { .. } | Change::Deleted) {
+            // The event's text is the new one (or none): the placeholder starts without,
+            // so that the edit itself applies to it.
+            message.text = None;
+        }
+        Some(Self { at: event.timestamp.unwrap_or(received_at), message, change })
+    }
+}
+
+/// The result of one write of a batch.
+#[derive(Debug)]
+pub struct Applied {
+    pub outcome: Outcome,
+    pub event: Option<Envelope>,
+}
+
+/// Applies `updates` in order inside the caller's transaction; one result per update.
+pub async fn apply(
+    tx: &mut Transaction<'_, Postgres>,
+    updates: &[&MessageUpdate],
+) -> Result<Vec<Applied>, sqlx::Error> {
+    if updates.is_empty() {
+        return Ok(Vec::new());
+    }
+    insert_placeholders(tx, updates).await?;
+    let mut rows = lock_messages(tx, updates).await?;
+
+    let mut results = Vec::with_capacity(updates.len());
+    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    let mut previews: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
+    for update in updates {
+        let Some(row) = rows.get_mut(&update.message.message_id) else {
+            // Inserted or found above, under lock: cannot be missing.
+            results.push(Applied { outcome: Outcome::Ignored, event: None });
+            continue;
+        };
+        let (outcome, event) = change(row, update);
+        if outcome == Outcome::Accepted {
+            dirty.insert(row.id.clone());
+            if matches!(update.change, Change::Edited { .. } | Change::Deleted) {
+                previews.insert((row.chat_id.clone(), row.id.clone()), preview(row));
+            }
+        }
+        let event = event.map(|(event_type, mut data)| {
+            data["message_id"] = json!(row.id);
+            data["message"] = json!(row.record());
+            Envelope::new(event_type, row.account_id.clone(), Some(row.chat_id.clone()), update.at, data)
+        });
+        results.push(Applied { outcome, event });
+    }
+    let changed: Vec<&MessageRow> = dirty.iter().map(|id| &rows[id]).collect();
+    write_back(tx, &changed).await?;
+    update_previews(tx, &previews).await?;
+    Ok(results)
+}
+
+/// Applies one change to the row in memory; returns the outcome and, for a change
+/// clients hear about, the event type and its `data` (without the message).
+fn change(row: &mut MessageRow, update: &MessageUpdate) -> (Outcome, Option<(EventType, Value)>) {
+    let at = update.at;
+    match &update.change {
+        Change::Read if row.seen => (Outcome::Duplicate, None),
+        Change::Read => {
+            row.seen = true;
+            row.seen_at = Some(at);
+            (
+                Outcome::Accepted,
+                Some((EventType::MessageRead, json!({ "seen_at": shared::envelope::format_time(&at) }))),
+            )
+        }
+        Change::Delivered if row.delivered_at.is_some() => (Outcome::Duplicate, None),
+        Change::Delivered => {
+            row.delivered_at = Some(at);
+            (Outcome::Accepted, None)
+        }
+        Change::Reaction { value, by } => {
+            let mut reactions = row.reactions();
+            let theirs = reactions.iter().position(|r| r.sender_id.as_deref() == by.key());
+            let current = theirs.map(|i| &reactions[i]);
+            if current.map(|r| Some(&r.value)) == Some(value.as_ref())
+                || (current.is_none() && value.is_none())
+            {
+                return (Outcome::Duplicate, None);
+            }
+            if current.is_some_and(|r| r.reacted_at > at) {
+                return (Outcome::Ignored, None);
+            }
+            let reaction = Reaction {
+                value: value.clone().unwrap_or_default(),
+                sender_id: by.key().map(str::to_owned),
+                sender: by.clone(),
+                reacted_at: at,
+            };
+            match (theirs, value) {
+                (Some(i), None) => {
+                    reactions.remove(i);
+                }
+                (Some(i), Some(_)) => reactions[i] = reaction.clone(),
+                (None, _) => reactions.push(reaction.clone()),
+            }
+            row.reactions = sqlx::types::Json(json!(reactions));
+            let mut shown = json!(reaction);
+            if value.is_none() {
+                shown["value"] = Value::Null;
+            }
+            let data = json!({ "reaction": shown, "removed": value.is_none(), "reactions": reactions });
+            (Outcome::Accepted, Some((EventType::MessageReaction, data)))
+        }
+        Change::Edited { .. } if row.deleted_at.is_some() => (Outcome::Ignored, None),
+        Change::Edited { .. } if row.edited_at.is_some_and(|e| e > at) => (Outcome::Ignored, None),
+        // Same text: a repeated delivery. (A placeholder's text is not the message's yet.)
+        Change::Edited { text } if &row.text == text && (row.edited_at.is_some() || !row.placeholder) => {
+            (Outcome::Duplicate, None)
+        }
+        Change::Edited { text } => {
+            row.text = text.clone();
+            row.edited_at = Some(at);
+            let data = json!({ "text": text, "edited_at": shared::envelope::format_time(&at) });
+            (Outcome::Accepted, Some((EventType::MessageEdited, data)))
+        }
+        Change::Deleted if row.deleted_at.is_some() => (Outcome::Duplicate, None),
+        Change::Deleted => {
+            row.deleted_at = Some(at);
+            let data = json!({ "deleted_at": shared::envelope::format_time(&at) });
+            (Outcome::Accepted, Some((EventType::MessageDeleted, data)))
+        }
+    }
+}
+
+/// The chat list's preview of a message after an edit or deletion.
+fn preview(row: &MessageRow) -> Option<String> {
+    let record = row.record();
+    match &record.text {
+        _ if record.deleted => Some("[deleted]".to_owned()),
+        Some(text) if !text.trim().is_empty() => Some(text.chars().take(PREVIEW_CHARS).collect()),
+        _ if !record.attachments.is_empty() => Some("[attachment]".to_owned()),
+        _ => None,
+    }
+}
+
+/// Makes sure every updated message has a row: the unknown ones get a placeholder (and
+/// their account and chat, when those are unknown too).
+async fn insert_placeholders(
+    tx: &mut Transaction<'_, Postgres>,
+    updates: &[&MessageUpdate],
+) -> Result<(), sqlx::Error> {
+    let mut by_id: BTreeMap<&str, &NewMessage> = BTreeMap::new();
+    for u in updates {
+        by_id.entry(u.message.message_id.as_str()).or_insert(&u.message);
+    }
+    let ids: Vec<&str> = by_id.keys().copied().collect();
+    let known: HashSet<String> = sqlx::query_scalar("select id from messages where id = any($1)")
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+    let unknown: Vec<&str> = ids.into_iter().filter(|id| !known.contains(*id)).collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let messages: Vec<&NewMessage> = unknown.iter().map(|id| by_id[id]).collect();
+
+    let accounts: BTreeMap<&str, Option<&str>> =
+        messages.iter().map(|m| (m.account_id.as_str(), m.account_type.as_deref())).collect();
+    let (account_ids, account_types): (Vec<&str>, Vec<Option<&str>>) = accounts.into_iter().unzip();
+    sqlx::query(
+        "insert into accounts (id, account_type)
+         select * from unnest($1::text[], $2::text[])
+         on conflict (id) do nothing",
+    )
+    .bind(account_ids)
+    .bind(account_types)
+    .execute(&mut **tx)
+    .await?;
+
+    let mut chats: BTreeMap<&str, &NewMessage> = BTreeMap::new();
+    for m in &messages {
+        chats.entry(m.chat_id.as_str()).or_insert(m);
+    }
+    let chat_values = chats.values();
+    sqlx::query(
+        "insert into chats (id, account_id, account_type, provider_chat_id, name, is_group)
+         select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
+         on conflict (id) do nothing",
+    )
+    .bind(chats.keys().copied().collect::<Vec<&str>>())
+    .bind(chat_values.clone().map(|m| m.account_id.as_str()).collect::<Vec<_>>())
+    .bind(chat_values.clone().map(|m| m.account_type.as_deref()).collect::<Vec<_>>())
+    .bind(chat_values.clone().map(|m| m.provider_chat_id.as_deref()).collect::<Vec<_>>())
+    .bind(chat_values.clone().map(|m| m.chat_name.as_deref()).collect::<Vec<_>>())
+    .bind(chat_values.map(|m| m.is_group).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+
+    // `do nothing`: a message_received committed meanwhile by another batch wins.
+    sqlx::query(
+        "insert into messages
+             (id, chat_id, account_id, provider_message_id, text, sender, is_sender, sent_at, placeholder)
+         select id, chat_id, account_id, provider_message_id, text, sender::jsonb, is_sender, sent_at, true
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[],
+                     $8::timestamptz[])
+              as t(id, chat_id, account_id, provider_message_id, text, sender, is_sender, sent_at)
+         on conflict (id) do nothing",
+    )
+    .bind(&unknown)
+    .bind(messages.iter().map(|m| m.chat_id.as_str()).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.account_id.as_str()).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.provider_message_id.as_deref()).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.text.as_deref()).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| json!(m.sender).to_string()).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.is_sender).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Locks the updated messages in id order and reads them.
+async fn lock_messages(
+    tx: &mut Transaction<'_, Postgres>,
+    updates: &[&MessageUpdate],
+) -> Result<HashMap<String, MessageRow>, sqlx::Error> {
+    let ids: Vec<&str> = updates.iter().map(|u| u.message.message_id.as_str()).collect();
+    let rows: Vec<MessageRow> = sqlx::query_as(&format!(
+        "select {MESSAGE_COLUMNS} from messages m join chats c on c.id = m.chat_id
+         where m.id = any($1) order by m.id for update of m"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id.clone(), r)).collect())
+}
+
+/// Writes the changed rows back (already locked, so one statement in any order).
+async fn write_back(tx: &mut Transaction<'_, Postgres>, rows: &[&MessageRow]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "update messages m set
+             seen = u.seen, seen_at = u.seen_at, delivered_at = u.delivered_at,
+             reactions = u.reactions::jsonb, text = u.text, edited_at = u.edited_at,
+             deleted_at = u.deleted_at, updated_at = now()
+         from unnest($1::text[], $2::bool[], $3::timestamptz[], $4::timestamptz[], $5::text[], $6::text[],
+                     $7::timestamptz[], $8::timestamptz[])
+              as u(id, seen, seen_at, delivered_at, reactions, text, edited_at, deleted_at)
+         where m.id = u.id",
+    )
+    .bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.seen).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.seen_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.delivered_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.reactions.0.to_string()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.text.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.edited_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.deleted_at).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Keeps a chat's preview in step when its newest message was edited or deleted.
+async fn update_previews(
+    tx: &mut Transaction<'_, Postgres>,
+    previews: &BTreeMap<(String, String), Option<String>>,
+) -> Result<(), sqlx::Error> {
+    if previews.is_empty() {
+        return Ok(());
+    }
+    let chat_ids: Vec<&str> = previews.keys().map(|(c, _)| c.as_str()).collect();
+    let message_ids: Vec<&str> = previews.keys().map(|(_, m)| m.as_str()).collect();
+    // Chats in id order first, as the message insert locks them.
+    sqlx::query(
+        "select 1 from chats where id = any($1) and last_message_id = any($2) order by id for update",
+    )
+    .bind(&chat_ids)
+    .bind(&message_ids)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "update chats c set last_message_preview = u.preview, updated_at = now()
+         from unnest($1::text[], $2::text[], $3::text[]) as u(chat_id, message_id, preview)
+         where c.id = u.chat_id and c.last_message_id = u.message_id",
+    )
+    .bind(&chat_ids)
+    .bind(&message_ids)
+    .bind(previews.values().map(|p| p.as_deref()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::envelope::SenderView;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn row() -> MessageRow {
+        MessageRow {
+            id: "m1".into(),
+            chat_id: "c1".into(),
+            account_id: "a1".into(),
+            account_type: None,
+            text: Some("original".into()),
+            sender: sqlx::types::Json(json!(SenderView::default())),
+            is_sender: false,
+            sent_at: at("2026-11-28T16:00:00Z"),
+            attachments: sqlx::types::Json(json!([])),
+            quoted: None,
+            seen: false,
+            seen_at: None,
+            delivered_at: None,
+            reactions: sqlx::types::Json(json!([])),
+            edited_at: None,
+            deleted_at: None,
+            placeholder: false,
+        }
+    }
+
+    fn update(change: Change, when: &str) -> MessageUpdate {
+        let event: MessagingEvent = serde_json::from_value(json!({
+            "event": "message_read", "account_id": "a1", "chat_id": "c1", "message_id": "m1"
+        }))
+        .unwrap();
+        let mut u = MessageUpdate::from_webhook(&event, at(when)).unwrap();
+        u.change = change;
+        u
+    }
+
+    fn person(id: &str) -> Person {
+        Person { provider_id: Some(id.into()), ..Person::default() }
+    }
+
+    #[test]
+    fn a_second_read_receipt_changes_nothing() {
+        let mut r = row();
+        assert_eq!(change(&mut r, &update(Change::Read, "2026-11-28T16:01:00Z")).0, Outcome::Accepted);
+        assert_eq!(change(&mut r, &update(Change::Read, "2026-11-28T16:02:00Z")).0, Outcome::Duplicate);
+        assert_eq!(r.seen_at, Some(at("2026-11-28T16:01:00Z")));
+    }
+
+    #[test]
+    fn an_older_edit_never_overwrites_a_newer_one() {
+        let mut r = row();
+        let newer = Change::Edited { text: Some("newer".into()) };
+        let older = Change::Edited { text: Some("older".into()) };
+        assert_eq!(change(&mut r, &update(newer, "2026-11-28T16:05:00Z")).0, Outcome::Accepted);
+        assert_eq!(change(&mut r, &update(older, "2026-11-28T16:04:00Z")).0, Outcome::Ignored);
+        assert_eq!(r.text.as_deref(), Some("newer"));
+    }
+
+    #[test]
+    fn a_repeated_edit_is_a_duplicate() {
+        let mut r = row();
+        let edit = || Change::Edited { text: Some("fixed".into()) };
+        assert_eq!(change(&mut r, &update(edit(), "2026-11-28T16:05:00Z")).0, Outcome::Accepted);
+        assert_eq!(change(&mut r, &update(edit(), "2026-11-28T16:05:00Z")).0, Outcome::Duplicate);
+    }
+
+    #[test]
+    fn a_deleted_message_takes_no_edit() {
+        let mut r = row();
+        assert_eq!(change(&mut r, &update(Change::Deleted, "2026-11-28T16:05:00Z")).0, Outcome::Accepted);
+        let edit = Change::Edited { text: Some("late".into()) };
+        assert_eq!(change(&mut r, &update(edit, "2026-11-28T16:06:00Z")).0, Outcome::Ignored);
+        assert_eq!(change(&mut r, &update(Change::Deleted, "2026-11-28T16:07:00Z")).0, Outcome::Duplicate);
+    }
+
+    #[test]
+    fn each_person_has_one_reaction_that_a_new_one_replaces_and_an_empty_one_removes() {
+        let mut r = row();
+        let react =
+            |v: Option<&str>, who: &str| Change::Reaction { value: v.map(str::to_owned), by: person(who) };
+        assert_eq!(
+            change(&mut r, &update(react(Some("👍"), "p1"), "2026-11-28T16:01:00Z")).0,
+            Outcome::Accepted
+        );
+        assert_eq!(
+            change(&mut r, &update(react(Some("❤️"), "p2"), "2026-11-28T16:01:00Z")).0,
+            Outcome::Accepted
+        );
+        assert_eq!(
+            change(&mut r, &update(react(Some("👍"), "p1"), "2026-11-28T16:01:00Z")).0,
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            change(&mut r, &update(react(Some("😂"), "p1"), "2026-11-28T16:02:00Z")).0,
+            Outcome::Accepted
+        );
+        let values: Vec<String> = r.reactions().into_iter().map(|x| x.value).collect();
+        assert_eq!(values, ["😂", "❤️"]);
+        assert_eq!(
+            change(&mut r, &update(react(Some("👍"), "p1"), "2026-11-28T16:01:30Z")).0,
+            Outcome::Ignored
+        );
+        assert_eq!(change(&mut r, &update(react(None, "p2"), "2026-11-28T16:03:00Z")).0, Outcome::Accepted);
+        assert_eq!(change(&mut r, &update(react(None, "p2"), "2026-11-28T16:03:00Z")).0, Outcome::Duplicate);
+        assert_eq!(r.reactions().len(), 1);
+    }
+
+    #[test]
+    fn an_edit_that_creates_a_placeholder_applies_to_it() {
+        let event: MessagingEvent = serde_json::from_value(json!({
+            "event": "message_edited", "account_id": "a1", "chat_id": "c1", "message_id": "m1",
+            "message": "new text", "timestamp": "2026-11-28T16:05:00Z"
+        }))
+        .unwrap();
+        let u = MessageUpdate::from_webhook(&event, Utc::now()).unwrap();
+        assert_eq!(u.message.text, None, "the placeholder starts without the new text");
+        let mut r = row();
+        r.placeholder = true;
+        r.text = None;
+        assert_eq!(change(&mut r, &u).0, Outcome::Accepted);
+        assert_eq!(r.text.as_deref(), Some("new text"));
+    }
+}
