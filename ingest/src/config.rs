@@ -47,6 +47,12 @@ pub enum Command {
     /// List, ensure or delete the webhooks registered with Unipile.
     Webhooks(crate::unipile::cli::WebhooksCommand),
     /// Backfill chats and messages from Unipile's API (quietly: no events, no unread bumps).
+    ///
+    /// Messages are stored like webhook deliveries, under the same ids, so running it
+    /// twice changes nothing. They are stored quietly: no message:new events, no unread
+    /// increments; each chat's unread count is set to what Unipile reports. Without
+    /// --account, every account in the database and every account Unipile lists under
+    /// the API key is backfilled.
     Sync(Box<crate::unipile::cli::SyncCommand>),
 }
 

@@ -24,7 +24,7 @@ use crate::jetstream::StreamSpec;
 use crate::outbox::Relay;
 use crate::state::AppState;
 use crate::store::Batcher;
-use crate::{health, webhooks};
+use crate::{api, health, webhooks};
 
 /// Migrations, embedded at compile time and applied at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -49,7 +49,8 @@ impl Application {
         let mut tasks = JoinSet::new();
         let wake_relay = Arc::new(Notify::new());
         let subjects = config.nats.subject_prefix.clone();
-        let batcher = Batcher::spawn(db.clone(), subjects.clone(), &config.batch, wake_relay.clone(), &mut tasks);
+        let batcher =
+            Batcher::spawn(db.clone(), subjects.clone(), &config.batch, wake_relay.clone(), &mut tasks);
         let stream = StreamSpec {
             name: config.nats.stream_name.clone(),
             subjects,
@@ -59,6 +60,9 @@ impl Application {
         let stop_relay = CancellationToken::new();
         let relay = Relay::new(db.clone(), js, stream, config.outbox.clone(), wake_relay);
         tasks.spawn(relay.run(stop_relay.clone()));
+        // Webhook registration and the optional history catch-up: they retry while
+        // Unipile is away and end when done, so they run beside the supervised tasks.
+        crate::unipile::spawn_start_up_tasks(&config, db.clone());
 
         let state = AppState {
             db,
@@ -69,9 +73,8 @@ impl Application {
             metrics: shared::telemetry::metrics_handle(),
         };
         let router = router(state.clone(), &config);
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         Ok(Self { listener, router, state, tasks, stop_relay })
     }
 
@@ -137,6 +140,7 @@ fn router(state: AppState, config: &ServeConfig) -> Router {
     Router::new()
         .merge(webhooks::router(state.clone(), config.webhook_max_body_bytes))
         .merge(health::router())
+        .merge(api::router().layer(api::cors(&config.cors_origins)))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

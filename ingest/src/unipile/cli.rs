@@ -32,9 +32,12 @@ pub struct WebhooksCommand {
 pub enum WebhooksAction {
     /// List every webhook registered under the API key (header values are not shown).
     List(ListArgs),
-    /// Make sure the relay's messaging and account_status webhooks exist with the
-    /// current secret: reuse them, create the missing, replace the stale, delete
-    /// duplicates. The same step ingest runs at start-up.
+    /// Put exactly one up-to-date messaging and one account_status webhook in place.
+    ///
+    /// Webhooks with the relay's request URL and the current secret are reused; missing
+    /// ones are created; ones with a stale secret, other events or disabled are
+    /// replaced; duplicates are deleted. Webhooks pointing elsewhere are left alone.
+    /// This is the step `ingest serve` runs at start-up.
     Ensure(EnsureArgs),
     /// Delete one webhook by its id (see `ingest webhooks list`).
     Delete(DeleteArgs),
@@ -88,11 +91,6 @@ pub struct DeleteArgs {
 
 /// `ingest sync`: backfill chats and messages from Unipile's API.
 #[derive(Debug, Args)]
-#[command(long_about = "Backfill chats and messages from Unipile's API into the relay's database.\n\n\
-    Messages are stored like webhook deliveries (same ids, so running it twice changes nothing) \
-    but quietly: no message:new events, no unread increments. Each chat's unread count is set \
-    to what Unipile reports. Without --account, every account in the database and every \
-    account Unipile lists under the API key is backfilled.")]
 pub struct SyncCommand {
     /// Account to backfill (repeatable). Default: all known accounts.
     #[arg(long = "account", value_name = "ACCOUNT_ID")]
@@ -140,7 +138,10 @@ pub fn parse_since(value: &str) -> Result<DateTime<Utc>, String> {
     };
     match number.parse::<u64>() {
         Ok(n) if seconds > 0 => Ok(Utc::now() - Duration::from_secs(n.saturating_mul(seconds))),
-        _ => Err("expected RFC 3339 (2026-11-01T00:00:00Z), a date (2026-11-01) or an age (12h, 7d)".to_owned()),
+        _ => {
+            Err("expected RFC 3339 (2026-11-01T00:00:00Z), a date (2026-11-01) or an age (12h, 7d)"
+                .to_owned())
+        }
     }
 }
 
@@ -150,7 +151,9 @@ pub fn client_from(args: &UnipileArgs) -> anyhow::Result<UnipileClient> {
     let key = args.unipile_api_key.as_ref().filter(|k| !k.expose_secret().trim().is_empty());
     let (dsn, key) = match (dsn, key) {
         (Some(dsn), Some(key)) => (dsn, key),
-        (None, None) => anyhow::bail!("UNIPILE_DSN and UNIPILE_API_KEY are not set (or pass --unipile-dsn and --unipile-api-key)"),
+        (None, None) => anyhow::bail!(
+            "UNIPILE_DSN and UNIPILE_API_KEY are not set (or pass --unipile-dsn and --unipile-api-key)"
+        ),
         (None, _) => anyhow::bail!("UNIPILE_DSN is not set (or pass --unipile-dsn)"),
         (_, None) => anyhow::bail!("UNIPILE_API_KEY is not set (or pass --unipile-api-key)"),
     };
@@ -321,19 +324,15 @@ fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
 }
 
 fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
-    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| (*h).to_owned()).collect())
-        .chain(rows)
-        .collect();
+    let rows: Vec<Vec<String>> =
+        std::iter::once(header.iter().map(|h| (*h).to_owned()).collect()).chain(rows).collect();
     let widths: Vec<usize> = (0..header.len())
         .map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
+        let line: Vec<String> =
+            row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -357,13 +356,19 @@ mod tests {
 
     #[test]
     fn table_columns_line_up() {
-        let text = table(&["ID", "NAME"], vec![vec!["a".into(), "x".into()], vec!["long-id".into(), "y".into()]].into_iter());
+        let text = table(
+            &["ID", "NAME"],
+            vec![vec!["a".into(), "x".into()], vec!["long-id".into(), "y".into()]].into_iter(),
+        );
         assert_eq!(text, "ID       NAME\na        x\nlong-id  y\n");
     }
 
     #[test]
     fn missing_credentials_are_named() {
         let args = UnipileArgs { unipile_dsn: Some("api1.unipile.com:1".into()), unipile_api_key: None };
-        assert_eq!(client_from(&args).unwrap_err().to_string(), "UNIPILE_API_KEY is not set (or pass --unipile-api-key)");
+        assert_eq!(
+            client_from(&args).unwrap_err().to_string(),
+            "UNIPILE_API_KEY is not set (or pass --unipile-api-key)"
+        );
     }
 }

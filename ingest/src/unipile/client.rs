@@ -15,6 +15,7 @@
 //! to tell the cases apart.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt, stream};
@@ -82,10 +83,8 @@ impl RetryPolicy {
     /// The wait before retry number `retry` (1-based): half of the exponential step
     /// plus a random share of the other half, so replicas do not retry in lockstep.
     pub fn backoff(&self, retry: u32) -> Duration {
-        let step = self
-            .base_delay
-            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-            .min(self.max_delay);
+        let step =
+            self.base_delay.saturating_mul(2u32.saturating_pow(retry.saturating_sub(1))).min(self.max_delay);
         let half = step / 2;
         half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
     }
@@ -135,20 +134,13 @@ impl fmt::Debug for ClientConfig {
 /// `https://apiN.unipile.com:PORT/api/v1`; a URL with a scheme (`http://127.0.0.1:9000`)
 /// gets `/api/v1` appended unless it already ends with it.
 pub fn base_url(dsn: &str) -> Result<Url, UnipileError> {
-    let invalid = |reason: &str| UnipileError::InvalidDsn {
-        dsn: dsn.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let invalid = |reason: &str| UnipileError::InvalidDsn { dsn: dsn.to_owned(), reason: reason.to_owned() };
     let has_scheme = dsn.contains("://");
     let trimmed = dsn.trim().trim_end_matches('/');
     if trimmed.is_empty() {
         return Err(invalid("it is empty"));
     }
-    let with_scheme = if has_scheme {
-        trimmed.to_owned()
-    } else {
-        format!("https://{trimmed}")
-    };
+    let with_scheme = if has_scheme { trimmed.to_owned() } else { format!("https://{trimmed}") };
     let mut url = Url::parse(&with_scheme).map_err(|e| invalid(&e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid("the scheme must be http or https"));
@@ -169,6 +161,10 @@ pub fn base_url(dsn: &str) -> Result<Url, UnipileError> {
 /// A cheap-to-clone handle on Unipile's API.
 #[derive(Clone)]
 pub struct UnipileClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     http: reqwest::Client,
     base_url: Url,
     /// Marked sensitive, so `Debug` of a request or header map never shows it.
@@ -180,7 +176,7 @@ pub struct UnipileClient {
 impl fmt::Debug for UnipileClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UnipileClient")
-            .field("base_url", &self.base_url.as_str())
+            .field("base_url", &self.inner.base_url.as_str())
             .finish_non_exhaustive()
     }
 }
@@ -195,8 +191,8 @@ struct Call {
 
 impl UnipileClient {
     pub fn new(config: ClientConfig) -> Result<Self, UnipileError> {
-        let mut api_key = HeaderValue::from_str(config.api_key.expose_secret())
-            .map_err(|_| UnipileError::InvalidApiKey)?;
+        let mut api_key =
+            HeaderValue::from_str(config.api_key.expose_secret()).map_err(|_| UnipileError::InvalidApiKey)?;
         api_key.set_sensitive(true);
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -209,25 +205,26 @@ impl UnipileClient {
                 reason: error_chain(&e),
             })?;
         Ok(Self {
-            http,
-            base_url: config.base_url,
-            api_key,
-            retry: config.retry,
-            page_size: config.page_size.max(1),
+            inner: Arc::new(Inner {
+                http,
+                base_url: config.base_url,
+                api_key,
+                retry: config.retry,
+                page_size: config.page_size.max(1),
+            }),
         })
     }
 
     /// The API base this client calls, e.g. `https://api8.unipile.com:13851/api/v1`.
     pub fn base_url(&self) -> &Url {
-        &self.base_url
+        &self.inner.base_url
     }
 
     /// `POST /webhooks`: registers a webhook and returns its id.
     #[tracing::instrument(skip_all, fields(source = %webhook.source, request_url = %webhook.request_url), err)]
     pub async fn create_webhook(&self, webhook: &NewWebhook) -> Result<String, UnipileError> {
         let call = Call { name: "webhooks.create", method: "POST" };
-        let created: WebhookCreated =
-            self.send(call, &["webhooks"], &[], Some(webhook)).await?;
+        let created: WebhookCreated = self.send(call, &["webhooks"], &[], Some(webhook)).await?;
         Ok(created.webhook_id)
     }
 
@@ -258,10 +255,7 @@ impl UnipileClient {
     }
 
     /// `GET /chats?account_id=`, every page, most recent activity first.
-    pub fn chats(
-        &self,
-        account_id: &str,
-    ) -> impl Stream<Item = Result<Chat, UnipileError>> + Send + 'static {
+    pub fn chats(&self, account_id: &str) -> impl Stream<Item = Result<Chat, UnipileError>> + Send + 'static {
         let call = Call { name: "chats.list", method: "GET" };
         self.paginate(call, vec!["chats".into()], vec![("account_id", account_id.to_owned())])
     }
@@ -306,7 +300,7 @@ impl UnipileClient {
                 let Some(cursor) = state.next.take() else {
                     return Ok(None);
                 };
-                query.push(("limit", client.page_size.to_string()));
+                query.push(("limit", client.inner.page_size.to_string()));
                 if let Some(cursor) = cursor {
                     query.push(("cursor", cursor));
                 }
@@ -333,11 +327,8 @@ impl UnipileClient {
         query: &[(&str, String)],
         body: Option<&impl Serialize>,
     ) -> Result<T, UnipileError> {
-        let mut url = self.base_url.clone();
-        url.path_segments_mut()
-            .expect("an http(s) URL has path segments")
-            .pop_if_empty()
-            .extend(segments);
+        let mut url = self.inner.base_url.clone();
+        url.path_segments_mut().expect("an http(s) URL has path segments").pop_if_empty().extend(segments);
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
@@ -346,9 +337,10 @@ impl UnipileClient {
         loop {
             attempt += 1;
             let mut request = self
+                .inner
                 .http
                 .request(method.clone(), url.clone())
-                .header("X-API-KEY", self.api_key.clone())
+                .header("X-API-KEY", self.inner.api_key.clone())
                 .header(reqwest::header::ACCEPT, "application/json");
             if let Some(body) = body {
                 request = request.json(body);
@@ -364,15 +356,14 @@ impl UnipileClient {
                             reason: error_chain(&e),
                         }
                     })?;
-                    let text: &[u8] = if bytes.is_empty() && status == StatusCode::NO_CONTENT {
-                        b"null"
-                    } else {
-                        &bytes
-                    };
-                    return serde_json::from_slice(text).map_err(|e| {
-                        record(call, "decode_error");
-                        UnipileError::Decode { call: call.to_string(), reason: e.to_string() }
-                    }).inspect(|_| record(call, "ok"));
+                    let text: &[u8] =
+                        if bytes.is_empty() && status == StatusCode::NO_CONTENT { b"null" } else { &bytes };
+                    return serde_json::from_slice(text)
+                        .map_err(|e| {
+                            record(call, "decode_error");
+                            UnipileError::Decode { call: call.to_string(), reason: e.to_string() }
+                        })
+                        .inspect(|_| record(call, "ok"));
                 }
                 Ok(response) => {
                     let status = response.status();
@@ -411,11 +402,13 @@ impl UnipileClient {
             };
             match failure {
                 Retryable::No(error) => return Err(error),
-                Retryable::Yes(error, _) if attempt >= self.retry.max_attempts => return Err(error),
+                Retryable::Yes(error, _) if attempt >= self.inner.retry.max_attempts => {
+                    return Err(error);
+                }
                 Retryable::Yes(error, retry_after) => {
                     let delay = retry_after
-                        .map(|d| d.min(self.retry.max_retry_after))
-                        .unwrap_or_else(|| self.retry.backoff(attempt));
+                        .map(|d| d.min(self.inner.retry.max_retry_after))
+                        .unwrap_or_else(|| self.inner.retry.backoff(attempt));
                     tracing::warn!(
                         call = call.name,
                         attempt,
@@ -442,8 +435,7 @@ enum Retryable {
 }
 
 fn record(call: Call, outcome: &'static str) {
-    metrics::counter!("unipile_requests_total", "call" => call.name, "outcome" => outcome)
-        .increment(1);
+    metrics::counter!("unipile_requests_total", "call" => call.name, "outcome" => outcome).increment(1);
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
@@ -532,7 +524,8 @@ mod tests {
 
     #[test]
     fn the_api_key_does_not_show_in_debug_output() {
-        let config = ClientConfig::new("api1.unipile.com:1", SecretString::from("k3y-v4lue".to_owned())).unwrap();
+        let config =
+            ClientConfig::new("api1.unipile.com:1", SecretString::from("k3y-v4lue".to_owned())).unwrap();
         let client = UnipileClient::new(config.clone()).unwrap();
         assert!(!format!("{config:?}").contains("k3y-v4lue"));
         assert!(!format!("{client:?}").contains("k3y-v4lue"));

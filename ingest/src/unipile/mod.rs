@@ -14,3 +14,34 @@ pub mod types;
 pub mod webhooks;
 
 pub use client::{ClientConfig, RetryPolicy, UnipileClient, UnipileError};
+
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::config::ServeConfig;
+use webhooks::{BackgroundBackoff, Registration};
+
+/// Starts what `ingest serve` does with Unipile's API in the background: registering
+/// the webhooks and, with `--catch-up-on-start`, backfilling what arrived while the
+/// relay was away. Neither delays start-up; both retry while Unipile is unreachable
+/// and end once done, so they are not among the tasks whose end stops the process.
+pub fn spawn_start_up_tasks(config: &ServeConfig, pool: PgPool) -> Vec<JoinHandle<()>> {
+    let registration =
+        Registration::decide(config.webhook_base_url.as_deref(), &config.webhook_secret, &config.unipile);
+    let mut tasks =
+        vec![webhooks::spawn_registration(registration, pool.clone(), BackgroundBackoff::default())];
+    if config.catch_up.catch_up_on_start {
+        match cli::client_from(&config.unipile) {
+            Ok(client) => tasks.push(tokio::spawn(
+                sync::run_catch_up(client, pool, BackgroundBackoff::default())
+                    .instrument(tracing::info_span!("unipile_catch_up")),
+            )),
+            Err(reason) => tracing::warn!(
+                reason = %reason,
+                "start-up catch-up (SYNC_ON_START) skipped: {reason}"
+            ),
+        }
+    }
+    tasks
+}

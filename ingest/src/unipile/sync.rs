@@ -218,10 +218,7 @@ async fn save(pool: &PgPool, batch: &[NewMessage]) -> Result<usize, sqlx::Error>
     let mut tx = pool.begin().await?;
     let results = messages::insert(&mut tx, &refs).await?;
     tx.commit().await?;
-    Ok(results
-        .iter()
-        .filter(|r| r.outcome == crate::store::Outcome::Accepted)
-        .count())
+    Ok(results.iter().filter(|r| r.outcome == crate::store::Outcome::Accepted).count())
 }
 
 /// A history message as the store takes it: the same fields a webhook fills.
@@ -279,4 +276,27 @@ pub async fn catch_up(client: &UnipileClient, pool: &PgPool) -> Result<SyncRepor
         total.add(&sync_account(client, pool, &account, Some(since)).await?);
     }
     Ok(total)
+}
+
+/// [`catch_up`] until it succeeds, pausing longer after each failure.
+pub async fn run_catch_up(client: UnipileClient, pool: PgPool, backoff: super::webhooks::BackgroundBackoff) {
+    let mut pause = backoff.first;
+    loop {
+        match catch_up(&client, &pool).await {
+            Ok(report) => {
+                tracing::info!(
+                    accounts = report.accounts,
+                    chats = report.chats,
+                    messages_stored = report.messages_stored,
+                    "start-up catch-up done"
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in_s = pause.as_secs(), "start-up catch-up failed; retrying in the background");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(backoff.max);
+            }
+        }
+    }
 }

@@ -67,10 +67,7 @@ pub struct Webhook {
 impl Webhook {
     /// The value of a header, compared case-insensitively by key as HTTP does.
     pub fn header(&self, key: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|h| h.key.eq_ignore_ascii_case(key))
-            .map(|h| h.value.as_str())
+        self.headers.iter().find(|h| h.key.eq_ignore_ascii_case(key)).map(|h| h.value.as_str())
     }
 }
 
@@ -202,9 +199,7 @@ fn id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
 }
 
 /// A timestamp as RFC 3339 text or epoch milliseconds; anything else reads as absent.
-fn opt_timestamp<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<DateTime<Utc>>, D::Error> {
+fn opt_timestamp<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
     Ok(match Value::deserialize(deserializer)? {
         Value::String(s) => DateTime::parse_from_rfc3339(s.trim())
             .map(|t| t.with_timezone(&Utc))
@@ -240,17 +235,13 @@ mod tests {
 
     #[test]
     fn message_list_fixture_reads_flags_given_as_numbers() {
-        let page: Page<Message> =
-            serde_json::from_value(fixture("api_message_list.json")).unwrap();
+        let page: Page<Message> = serde_json::from_value(fixture("api_message_list.json")).unwrap();
         assert_eq!(page.items.len(), 2);
         assert!(page.items[0].is_sender);
         assert!(!page.items[1].is_sender);
         assert!(page.items[1].seen);
         assert_eq!(page.items[1].reactions.len(), 1);
-        assert_eq!(
-            page.items[1].timestamp.unwrap().to_rfc3339(),
-            "2026-11-28T16:02:11+00:00"
-        );
+        assert_eq!(page.items[1].timestamp.unwrap().to_rfc3339(), "2026-11-28T16:02:11+00:00");
         assert!(page.items[0].extra.contains_key("delivered"), "unknown fields are kept");
     }
 

@@ -93,10 +93,7 @@ impl WebhookSettings {
     /// The two webhooks the relay needs, as `POST /webhooks` bodies.
     pub fn desired(&self) -> Vec<NewWebhook> {
         let headers = vec![
-            WebhookHeader {
-                key: SECRET_HEADER.to_owned(),
-                value: self.secret.expose_secret().to_owned(),
-            },
+            WebhookHeader { key: SECRET_HEADER.to_owned(), value: self.secret.expose_secret().to_owned() },
             WebhookHeader { key: "Content-Type".to_owned(), value: "application/json".to_owned() },
         ];
         vec![
@@ -167,11 +164,7 @@ pub fn plan(existing: &[Webhook], wanted: &NewWebhook) -> Plan {
         .map(|w| w.id.as_str())
         .min()
         .map(str::to_owned);
-    let delete = same_target
-        .iter()
-        .filter(|w| Some(&w.id) != keep.as_ref())
-        .map(|w| w.id.clone())
-        .collect();
+    let delete = same_target.iter().filter(|w| Some(&w.id) != keep.as_ref()).map(|w| w.id.clone()).collect();
     Plan { keep, delete }
 }
 
@@ -180,11 +173,8 @@ fn same_url(a: &str, b: &str) -> bool {
 }
 
 fn is_up_to_date(existing: &Webhook, wanted: &NewWebhook) -> bool {
-    let wanted_secret = wanted
-        .headers
-        .iter()
-        .find(|h| h.key.eq_ignore_ascii_case(SECRET_HEADER))
-        .map(|h| h.value.as_str());
+    let wanted_secret =
+        wanted.headers.iter().find(|h| h.key.eq_ignore_ascii_case(SECRET_HEADER)).map(|h| h.value.as_str());
     fn events(list: &[String]) -> BTreeSet<&str> {
         list.iter().map(String::as_str).collect()
     }
@@ -208,10 +198,7 @@ pub async fn ensure(
     let mut guard = match lock {
         Some(pool) => {
             let mut tx = pool.begin().await?;
-            sqlx::query("select pg_advisory_xact_lock($1)")
-                .bind(ENSURE_LOCK_KEY)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("select pg_advisory_xact_lock($1)").bind(ENSURE_LOCK_KEY).execute(&mut *tx).await?;
             Some(tx)
         }
         None => None,
@@ -247,13 +234,7 @@ async fn ensure_unlocked(
             delete_if_present(client, &stale).await?;
             deleted.push(stale);
         }
-        results.push(Ensured {
-            source: wanted.source,
-            request_url: wanted.request_url,
-            id,
-            action,
-            deleted,
-        });
+        results.push(Ensured { source: wanted.source, request_url: wanted.request_url, id, action, deleted });
     }
     if created_any {
         settle_duplicates(client, settings, &mut results).await?;
@@ -346,9 +327,7 @@ impl Registration {
         let settings = match WebhookSettings::new(base_url, webhook_secret.clone()) {
             Ok(settings) => settings,
             Err(reason) => {
-                return Self::Skipped {
-                    reason: SkipReason::Invalid { setting: "WEBHOOK_BASE_URL", reason },
-                };
+                return Self::Skipped { reason: SkipReason::Invalid { setting: "WEBHOOK_BASE_URL", reason } };
             }
         };
         let client = ClientConfig::new(dsn, key.clone()).and_then(UnipileClient::new);
@@ -363,12 +342,12 @@ impl Registration {
 
 /// Pauses between start-up registration attempts while Unipile is unreachable.
 #[derive(Debug, Clone)]
-pub struct RegistrationBackoff {
+pub struct BackgroundBackoff {
     pub first: Duration,
     pub max: Duration,
 }
 
-impl Default for RegistrationBackoff {
+impl Default for BackgroundBackoff {
     fn default() -> Self {
         Self { first: Duration::from_secs(2), max: Duration::from_secs(300) }
     }
@@ -380,7 +359,7 @@ impl Default for RegistrationBackoff {
 pub fn spawn_registration(
     registration: Registration,
     pool: PgPool,
-    backoff: RegistrationBackoff,
+    backoff: BackgroundBackoff,
 ) -> JoinHandle<()> {
     tokio::spawn(
         run_registration(registration, pool, backoff)
@@ -389,7 +368,7 @@ pub fn spawn_registration(
 }
 
 /// The body of [`spawn_registration`], for callers that supervise their own tasks.
-pub async fn run_registration(registration: Registration, pool: PgPool, backoff: RegistrationBackoff) {
+pub async fn run_registration(registration: Registration, pool: PgPool, backoff: BackgroundBackoff) {
     metrics::gauge!("unipile_webhooks_registered").set(0.0);
     let (client, settings) = match registration {
         Registration::Enabled { client, settings } => (client, settings),
@@ -461,13 +440,16 @@ mod tests {
         assert_eq!(desired[1].request_url, "https://relay.example.com/api/webhooks/unipile/account-status");
         assert!(desired[1].events.is_empty());
         for d in &desired {
-            assert!(d.headers.contains(&WebhookHeader { key: "Unipile-Auth".into(), value: "s3cr3t".into() }));
+            assert!(
+                d.headers.contains(&WebhookHeader { key: "Unipile-Auth".into(), value: "s3cr3t".into() })
+            );
         }
     }
 
     #[test]
     fn a_base_url_with_a_path_keeps_it() {
-        let s = WebhookSettings::new("https://example.com/relay/", SecretString::from("x".to_owned())).unwrap();
+        let s =
+            WebhookSettings::new("https://example.com/relay/", SecretString::from("x".to_owned())).unwrap();
         assert_eq!(s.desired()[0].request_url, "https://example.com/relay/api/webhooks/unipile/messages");
     }
 
@@ -534,7 +516,8 @@ mod tests {
         let secret = SecretString::from("s".to_owned());
         let reg = Registration::decide(Some("https://r.example.com"), &secret, &unipile(None, None));
         assert_eq!(skipped(reg), "UNIPILE_DSN and UNIPILE_API_KEY are not set");
-        let reg = Registration::decide(Some("https://r.example.com"), &secret, &unipile(Some("h:1"), Some(" ")));
+        let reg =
+            Registration::decide(Some("https://r.example.com"), &secret, &unipile(Some("h:1"), Some(" ")));
         assert_eq!(skipped(reg), "UNIPILE_API_KEY is not set");
     }
 
@@ -548,7 +531,11 @@ mod tests {
     #[test]
     fn registration_with_everything_set_is_enabled() {
         let secret = SecretString::from("s".to_owned());
-        let reg = Registration::decide(Some("https://r.example.com"), &secret, &unipile(Some("api1.unipile.com:1"), Some("k")));
+        let reg = Registration::decide(
+            Some("https://r.example.com"),
+            &secret,
+            &unipile(Some("api1.unipile.com:1"), Some("k")),
+        );
         assert!(matches!(reg, Registration::Enabled { .. }));
     }
 }

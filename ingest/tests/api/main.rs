@@ -9,3 +9,8 @@ mod helpers;
 mod outage;
 mod startup;
 mod webhooks;
+mod unipile_client;
+mod unipile_commands;
+mod unipile_fake;
+mod unipile_sync;
+mod unipile_webhooks;
