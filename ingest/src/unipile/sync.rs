@@ -10,6 +10,12 @@
 //! No event is emitted at all: clients see the history on their next REST load. So
 //! running a backfill twice changes nothing, and live clients are never flooded.
 //!
+//! What the message list says happened to a message since (`seen`, `reactions`,
+//! `deleted`) goes through the store's update rules ([`crate::store::updates::apply`]),
+//! the same a read, reaction or deletion webhook follows, and its events are dropped
+//! as well. Those rules are idempotent too; the time of such a change is not in the
+//! history, so the message's own time stands in for it.
+//!
 //! `since` bounds the work: messages older than it are not fetched (the message list is
 //! newest first, so paging stops there) and chats whose latest activity is older are
 //! skipped. [`catch_up`] uses it to fetch what arrived while the relay was away.
@@ -24,8 +30,10 @@ use sqlx::PgPool;
 
 use super::client::{UnipileClient, UnipileError};
 use super::types::{Chat, Message};
-use crate::store::NewMessage;
 use crate::store::messages;
+use crate::store::updates::{self, Change, MessageUpdate};
+use crate::store::views::Person;
+use crate::store::{NewMessage, Outcome};
 
 /// Messages saved per transaction.
 const CHUNK: usize = 200;
@@ -186,7 +194,8 @@ async fn sync_chat(
             break;
         }
         fetched += 1;
-        pending.push(to_new_message(chat, account_type.as_deref(), &message, raw, sent_at));
+        let new = to_new_message(chat, account_type.as_deref(), &message, raw, sent_at);
+        pending.push((history_changes(&message), new));
         if pending.len() >= CHUNK {
             stored += save(pool, &pending).await?;
             pending.clear();
@@ -209,16 +218,48 @@ async fn sync_chat(
     Ok((fetched, stored))
 }
 
-/// Saves quietly (`live = false`); returns how many were new.
-async fn save(pool: &PgPool, batch: &[NewMessage]) -> Result<usize, sqlx::Error> {
+/// Saves quietly (`live = false`, events of updates dropped); returns how many
+/// messages were new.
+async fn save(pool: &PgPool, batch: &[(Vec<Change>, NewMessage)]) -> Result<usize, sqlx::Error> {
     if batch.is_empty() {
         return Ok(0);
     }
-    let refs: Vec<&NewMessage> = batch.iter().collect();
+    let new: Vec<&NewMessage> = batch.iter().map(|(_, m)| m).collect();
+    let history: Vec<MessageUpdate> = batch
+        .iter()
+        .flat_map(|(changes, m)| {
+            changes.iter().map(|change| MessageUpdate {
+                message: m.clone(),
+                change: change.clone(),
+                at: m.sent_at,
+            })
+        })
+        .collect();
     let mut tx = pool.begin().await?;
-    let results = messages::insert(&mut tx, &refs).await?;
+    let inserted = messages::insert(&mut tx, &new).await?;
+    updates::apply(&mut tx, &history.iter().collect::<Vec<_>>()).await?;
     tx.commit().await?;
-    Ok(results.iter().filter(|r| r.outcome == crate::store::Outcome::Accepted).count())
+    Ok(inserted.iter().filter(|r| r.outcome == Outcome::Accepted).count())
+}
+
+/// What the message list says happened to a message after it was sent.
+pub fn history_changes(message: &Message) -> Vec<Change> {
+    let mut changes = Vec::new();
+    if message.seen {
+        changes.push(Change::Read);
+    }
+    for reaction in &message.reactions {
+        let value = reaction.get("value").and_then(|v| v.as_str()).filter(|v| !v.trim().is_empty());
+        let sender_id = reaction.get("sender_id").and_then(|v| v.as_str());
+        if let (Some(value), Some(sender_id)) = (value, sender_id) {
+            let by = Person { provider_id: Some(sender_id.to_owned()), ..Person::default() };
+            changes.push(Change::Reaction { value: Some(value.to_owned()), by });
+        }
+    }
+    if message.deleted {
+        changes.push(Change::Deleted);
+    }
+    changes
 }
 
 /// A history message as the store takes it: the same fields a webhook fills.

@@ -107,6 +107,15 @@ async fn unipile_sync_takes_unread_counts_from_unipile_and_emits_no_events() {
     assert_eq!(sender["id"], "Hn3bV5cX7zL9kJ2gF4dS6a");
     assert_eq!(attachments, serde_json::json!([]));
     assert_eq!(raw["object"], "Message", "the API item is kept as sent");
+    let (seen, reactions): (bool, Value) =
+        sqlx::query_as("select seen, reactions from messages where id = 'm1Qw2Er3Ty4Ui5Op6As7Dd'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(seen, "the API's seen flag is kept");
+    assert_eq!(reactions.as_array().map(Vec::len), Some(1), "{reactions}");
+    assert_eq!(reactions[0]["value"], "👍");
+    assert_eq!(reactions[0]["sender_id"], "14155550123@s.whatsapp.net");
     let group_attachments: Value =
         sqlx::query_scalar("select attachments from messages where id = 'gM1sG2rO3uP4mE5sS6aG7e'")
             .fetch_one(&pool)
