@@ -30,16 +30,10 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::TooManyConnections => {
-                (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
-            }
+            ApiError::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections"),
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Upgrade(rejection) => (rejection.status(), "not_a_websocket_upgrade"),
         };
-        (
-            status,
-            Json(json!({"error": code, "message": self.to_string()})),
-        )
-            .into_response()
+        (status, Json(json!({"error": code, "message": self.to_string()}))).into_response()
     }
 }

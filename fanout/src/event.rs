@@ -52,12 +52,7 @@ struct Peek<'a> {
 
 impl Event {
     /// Builds the event for the message at `seq` on `subject`.
-    pub fn from_stream(
-        subjects: &Subjects,
-        subject: &str,
-        payload: &[u8],
-        seq: u64,
-    ) -> Result<Self, Skip> {
+    pub fn from_stream(subjects: &Subjects, subject: &str, payload: &[u8], seq: u64) -> Result<Self, Skip> {
         let parts = subjects.parse(subject).ok_or(Skip::Subject)?;
         let stamped = stamp_seq(payload, seq).ok_or(Skip::Payload)?;
         let occurred_at_ms = serde_json::from_slice::<Peek<'_>>(&stamped)
@@ -66,19 +61,12 @@ impl Event {
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.timestamp_millis());
         let text = Utf8Bytes::try_from(Bytes::from(stamped)).map_err(|_| Skip::Utf8)?;
-        Ok(Self {
-            seq,
-            account_id: parts.account_id,
-            chat_id: parts.chat_id,
-            occurred_at_ms,
-            text,
-        })
+        Ok(Self { seq, account_id: parts.account_id, chat_id: parts.chat_id, occurred_at_ms, text })
     }
 
     /// Seconds from `occurred_at` to now, when the event carries one.
     pub fn lag_seconds(&self, now_ms: i64) -> Option<f64> {
-        self.occurred_at_ms
-            .map(|at| (now_ms - at).max(0) as f64 / 1000.0)
+        self.occurred_at_ms.map(|at| (now_ms - at).max(0) as f64 / 1000.0)
     }
 }
 
@@ -103,12 +91,7 @@ mod tests {
         assert_eq!(event.chat_id.as_deref(), Some("chat"));
         let back: Envelope = serde_json::from_str(event.text.as_str()).unwrap();
         assert_eq!(back.seq, Some(42));
-        assert!(
-            event
-                .lag_seconds(chrono::Utc::now().timestamp_millis())
-                .unwrap()
-                < 5.0
-        );
+        assert!(event.lag_seconds(chrono::Utc::now().timestamp_millis()).unwrap() < 5.0);
     }
 
     #[test]
@@ -119,9 +102,6 @@ mod tests {
             Skip::Subject
         );
         let subject = subjects.event("a", None, EventType::AccountStatus);
-        assert_eq!(
-            Event::from_stream(&subjects, &subject, b"[1]", 1).unwrap_err(),
-            Skip::Payload
-        );
+        assert_eq!(Event::from_stream(&subjects, &subject, b"[1]", 1).unwrap_err(), Skip::Payload);
     }
 }

@@ -123,10 +123,7 @@ impl Follower {
             None => {
                 // Start at new messages: whatever is in the stream already is history.
                 self.hub.start(info.state.last_sequence);
-                Position {
-                    created,
-                    last: info.state.last_sequence,
-                }
+                Position { created, last: info.state.last_sequence }
             }
             Some(pos) if pos.created != created || info.state.last_sequence < pos.last => {
                 // A new stream: its messages are all newer than anything clients have,
@@ -146,9 +143,7 @@ impl Follower {
 
         let consumer = stream
             .create_consumer(consumer::pull::Config {
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: pos.last + 1,
-                },
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: pos.last + 1 },
                 ack_policy: consumer::AckPolicy::None,
                 filter_subject: self.subjects.all(),
                 inactive_threshold: Duration::from_secs(30),
@@ -161,11 +156,8 @@ impl Follower {
         let result = self.follow_consumer(&mut stream, consumer, position).await;
         if result.is_err() {
             // Best effort; the server drops it after `inactive_threshold` anyway.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                stream.delete_consumer(&consumer_name),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), stream.delete_consumer(&consumer_name)).await;
         }
         result
     }

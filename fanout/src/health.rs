@@ -27,11 +27,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let following = state.follower.is_ready();
     let stopping = state.shutdown.is_cancelled();
     let ready = nats && following && !stopping;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "nats_connected": nats,
@@ -45,10 +41,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn metrics() -> impl IntoResponse {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         shared::telemetry::metrics_handle().render(),
     )
 }

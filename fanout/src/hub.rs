@@ -185,9 +185,7 @@ impl Hub {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Nothing panics while holding the lock; if something did, the data is still
         // consistent enough to keep serving.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sets where the stream stood when the follower first found it.
@@ -220,10 +218,7 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.queue_capacity);
         let shared = Arc::new(ConnShared::default());
         shared.catching_up.store(since.is_some(), Ordering::Release);
-        let entry = Entry {
-            tx,
-            shared: shared.clone(),
-        };
+        let entry = Entry { tx, shared: shared.clone() };
         let mut inner = self.lock();
         if !inner.started {
             return None;
@@ -234,11 +229,7 @@ impl Hub {
             }
             Scope::Accounts(accounts) => {
                 for account in accounts {
-                    inner
-                        .by_account
-                        .entry(account.clone())
-                        .or_default()
-                        .insert(id, entry.clone());
+                    inner.by_account.entry(account.clone()).or_default().insert(id, entry.clone());
                 }
             }
         }
@@ -246,19 +237,8 @@ impl Hub {
         let backlog = since.and_then(|since| inner.window_after(since, &scope));
         drop(inner);
         metrics::connection_opened();
-        let membership = Membership {
-            hub: self.clone(),
-            id,
-            scope,
-        };
-        Some(Registration {
-            id,
-            rx,
-            shared,
-            head,
-            backlog,
-            membership,
-        })
+        let membership = Membership { hub: self.clone(), id, scope };
+        Some(Registration { id, rx, shared, head, backlog, membership })
     }
 
     /// Starts another catch-up round after the connection lagged: under the lock,
@@ -307,13 +287,7 @@ impl Hub {
             inner.window_base = event.seq;
         }
         let mut dropped: Vec<u64> = Vec::new();
-        let targets = inner.all.iter().chain(
-            inner
-                .by_account
-                .get(&event.account_id)
-                .into_iter()
-                .flatten(),
-        );
+        let targets = inner.all.iter().chain(inner.by_account.get(&event.account_id).into_iter().flatten());
         for (id, entry) in targets {
             match entry.tx.try_send(event.clone()) {
                 Ok(()) => {}
@@ -395,13 +369,7 @@ impl Inner {
             return None;
         }
         let start = self.window.partition_point(|e| e.seq <= since);
-        Some(
-            self.window
-                .range(start..)
-                .filter(|e| scope.allows(&e.account_id))
-                .cloned()
-                .collect(),
-        )
+        Some(self.window.range(start..).filter(|e| scope.allows(&e.account_id)).cloned().collect())
     }
 }
 
@@ -468,28 +436,11 @@ mod tests {
         for seq in 11..=13 {
             hub.publish(event(seq, "a"));
         }
-        let seqs = |reg: Registration| {
-            reg.backlog
-                .map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>())
-        };
-        assert_eq!(
-            seqs(hub.register(Scope::All, Some(11)).unwrap()),
-            Some(vec![12, 13])
-        );
-        assert_eq!(
-            seqs(hub.register(Scope::All, Some(13)).unwrap()),
-            Some(vec![])
-        );
-        assert_eq!(
-            seqs(hub.register(Scope::All, Some(10)).unwrap()),
-            None,
-            "13 - 2 events back is 11"
-        );
-        assert_eq!(
-            seqs(hub.register(Scope::All, Some(14)).unwrap()),
-            None,
-            "the future is not in memory"
-        );
+        let seqs = |reg: Registration| reg.backlog.map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>());
+        assert_eq!(seqs(hub.register(Scope::All, Some(11)).unwrap()), Some(vec![12, 13]));
+        assert_eq!(seqs(hub.register(Scope::All, Some(13)).unwrap()), Some(vec![]));
+        assert_eq!(seqs(hub.register(Scope::All, Some(10)).unwrap()), None, "13 - 2 events back is 11");
+        assert_eq!(seqs(hub.register(Scope::All, Some(14)).unwrap()), None, "the future is not in memory");
     }
 
     #[test]

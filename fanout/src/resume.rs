@@ -52,10 +52,7 @@ impl History {
     async fn bounds(&self) -> anyhow::Result<Bounds> {
         let mut stream = self.js.get_stream(&self.stream_name).await?;
         let state = &stream.info().await?.state;
-        Ok(Bounds {
-            first: state.first_sequence,
-            last: state.last_sequence,
-        })
+        Ok(Bounds { first: state.first_sequence, last: state.last_sequence })
     }
 }
 
@@ -105,10 +102,14 @@ impl Connection {
             if rounds > MAX_CATCH_UP_ROUNDS {
                 return Err(End::Close(Close::SLOW_CONSUMER));
             }
-            let (head, backlog) = self
-                .state
-                .hub
-                .rearm(rx, &self.shared, &self.scope, self.covered);
+            let (head, backlog) = self.state.hub.rearm(rx, &self.shared, &self.scope, self.covered);
+            tracing::debug!(
+                rounds,
+                covered = self.covered,
+                head,
+                from_memory = backlog.is_some(),
+                "lagged while catching up; again"
+            );
             match backlog {
                 Some(events) => self.send_events(&events).await?,
                 None => self.replay_stream(head).await?,
@@ -133,9 +134,7 @@ impl Connection {
             let stream = history.js.get_stream(&history.stream_name).await?;
             let consumer = stream
                 .create_consumer(consumer::pull::Config {
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: from,
-                    },
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
                     ack_policy: consumer::AckPolicy::None,
                     filter_subject: filter,
                     inactive_threshold: Duration::from_secs(30),
@@ -160,17 +159,8 @@ impl Connection {
         result
     }
 
-    async fn read_history(
-        &mut self,
-        consumer: &mut consumer::PullConsumer,
-        to: u64,
-    ) -> Result<(), End> {
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(256)
-            .messages()
-            .await
-        {
+    async fn read_history(&mut self, consumer: &mut consumer::PullConsumer, to: u64) -> Result<(), End> {
+        let mut messages = match consumer.stream().max_messages_per_batch(256).messages().await {
             Ok(messages) => messages,
             Err(error) => return Err(self.history_failed(&error.to_string())),
         };
@@ -190,12 +180,10 @@ impl Connection {
             if seq > to {
                 break;
             }
-            if let Ok(event) =
-                Event::from_stream(&subjects, &message.subject, &message.payload, seq)
+            if let Ok(event) = Event::from_stream(&subjects, &message.subject, &message.payload, seq)
+                && self.scope.allows(&event.account_id)
             {
-                if self.scope.allows(&event.account_id) {
-                    batch.push(Arc::new(event));
-                }
+                batch.push(Arc::new(event));
             }
             let done = seq >= to || pending == 0;
             if batch.len() >= HISTORY_BATCH || done {
@@ -213,11 +201,7 @@ impl Connection {
     }
 
     fn history_failed(&self, error: &str) -> End {
-        tracing::warn!(
-            error,
-            covered = self.covered,
-            "resume: reading history failed"
-        );
+        tracing::warn!(error, covered = self.covered, "resume: reading history failed");
         metrics::resume("failed");
         End::Close(Close::RESUME_FAILED)
     }

@@ -60,17 +60,12 @@ pub struct Slot(Arc<Slots>);
 
 impl Slots {
     pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            used: AtomicUsize::new(0),
-            max,
-        })
+        Arc::new(Self { used: AtomicUsize::new(0), max })
     }
 
     pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
         self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used < self.max).then_some(used + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| (used < self.max).then_some(used + 1))
             .ok()
             .map(|_| Slot(self.clone()))
     }

@@ -70,10 +70,7 @@ async fn upgrade(
     if state.hub.head().is_none() || state.shutdown.is_cancelled() {
         return Err(ApiError::NotReady);
     }
-    let slot = state
-        .slots
-        .try_acquire()
-        .ok_or(ApiError::TooManyConnections)?;
+    let slot = state.slots.try_acquire().ok_or(ApiError::TooManyConnections)?;
     let task = state.tracker.token();
     let limits = state.limits;
     let since = params.since;
@@ -99,46 +96,20 @@ pub struct Close {
 }
 
 impl Close {
-    pub const POLICY: Close = Close {
-        code: 1008,
-        reason: "too many invalid messages",
-        label: "policy",
-    };
-    pub const TOO_BIG: Close = Close {
-        code: 1009,
-        reason: "message too big",
-        label: "too_big",
-    };
-    pub const RESUME_FAILED: Close = Close {
-        code: 1011,
-        reason: "resume failed; retry",
-        label: "resume_failed",
-    };
-    pub const SHUTDOWN: Close = Close {
-        code: 1012,
-        reason: "service restart; reconnect",
-        label: "shutdown",
-    };
-    pub const NOT_READY: Close = Close {
-        code: 1013,
-        reason: "not ready; retry",
-        label: "not_ready",
-    };
-    pub const SLOW_CONSUMER: Close = Close {
-        code: 4000,
-        reason: "slow consumer; resume with since",
-        label: "slow_consumer",
-    };
+    pub const POLICY: Close = Close { code: 1008, reason: "too many invalid messages", label: "policy" };
+    pub const TOO_BIG: Close = Close { code: 1009, reason: "message too big", label: "too_big" };
+    pub const RESUME_FAILED: Close =
+        Close { code: 1011, reason: "resume failed; retry", label: "resume_failed" };
+    pub const SHUTDOWN: Close = Close { code: 1012, reason: "service restart; reconnect", label: "shutdown" };
+    pub const NOT_READY: Close = Close { code: 1013, reason: "not ready; retry", label: "not_ready" };
+    pub const SLOW_CONSUMER: Close =
+        Close { code: 4000, reason: "slow consumer; resume with since", label: "slow_consumer" };
     pub const STREAM_RESET: Close = Close {
         code: 4001,
         reason: "stream reset; reload and reconnect without since",
         label: "stream_reset",
     };
-    pub const TOKEN_EXPIRED: Close = Close {
-        code: 4002,
-        reason: "token expired",
-        label: "token_expired",
-    };
+    pub const TOKEN_EXPIRED: Close = Close { code: 4002, reason: "token expired", label: "token_expired" };
 }
 
 impl From<Kick> for Close {
@@ -189,9 +160,7 @@ async fn serve(state: AppState, socket: WebSocket, claims: Claims, since: Option
         return;
     };
     let expires_at = Instant::now()
-        + Duration::from_secs(
-            u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0),
-        );
+        + Duration::from_secs(u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0));
     let mut conn = Connection {
         state,
         socket,
@@ -218,10 +187,7 @@ async fn serve(state: AppState, socket: WebSocket, claims: Claims, since: Option
 }
 
 async fn send_close(socket: &mut WebSocket, close: Close) -> Result<(), ()> {
-    let frame = CloseFrame {
-        code: close.code,
-        reason: Utf8Bytes::from_static(close.reason),
-    };
+    let frame = CloseFrame { code: close.code, reason: Utf8Bytes::from_static(close.reason) };
     match tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
@@ -229,25 +195,13 @@ async fn send_close(socket: &mut WebSocket, close: Close) -> Result<(), ()> {
 }
 
 impl Connection {
-    async fn run(
-        &mut self,
-        registration: Registration,
-        since: Option<u64>,
-        expires_at: Instant,
-    ) -> End {
-        let Registration {
-            mut rx,
-            head,
-            backlog,
-            membership,
-            ..
-        } = registration;
+    async fn run(&mut self, registration: Registration, since: Option<u64>, expires_at: Instant) -> End {
+        let Registration { mut rx, head, backlog, membership, .. } = registration;
         let _membership = membership;
         let caught_up = match since {
             None => {
                 self.covered = head;
-                self.send_json(hello(head, self.state.limits.heartbeat, None))
-                    .await
+                self.send_json(hello(head, self.state.limits.heartbeat, None)).await
             }
             // Boxed: the resume future is large and only lives during catch-up.
             Some(since) => Box::pin(self.resume(since, head, backlog, &mut rx)).await,
@@ -298,16 +252,8 @@ impl Connection {
     }
 
     pub(crate) async fn send_json(&mut self, value: serde_json::Value) -> Result<(), End> {
-        let write = self
-            .socket
-            .send(Message::Text(Utf8Bytes::from(value.to_string())));
-        guarded_with(
-            self.state.limits.write_timeout,
-            &self.shared,
-            &self.state.shutdown,
-            write,
-        )
-        .await
+        let write = self.socket.send(Message::Text(Utf8Bytes::from(value.to_string())));
+        guarded_with(self.state.limits.write_timeout, &self.shared, &self.state.shutdown, write).await
     }
 
     /// Writes the events this client wants that are newer than `covered`, in one flush.
@@ -341,19 +287,10 @@ impl Connection {
             }
             Ok(())
         };
-        guarded_with(
-            self.state.limits.write_timeout,
-            &self.shared,
-            &self.state.shutdown,
-            write,
-        )
-        .await
+        guarded_with(self.state.limits.write_timeout, &self.shared, &self.state.shutdown, write).await
     }
 
-    async fn on_client_message(
-        &mut self,
-        message: Option<Result<Message, axum::Error>>,
-    ) -> Result<(), End> {
+    async fn on_client_message(&mut self, message: Option<Result<Message, axum::Error>>) -> Result<(), End> {
         let message = match message {
             None => return Err(End::Gone("peer_closed")),
             Some(Err(error)) => {
@@ -370,9 +307,7 @@ impl Connection {
         match message {
             Message::Text(text) => {
                 if text.len() > self.state.limits.max_client_message {
-                    return self
-                        .reject("too_large", "message over the size limit")
-                        .await;
+                    return self.reject("too_large", "message over the size limit").await;
                 }
                 match serde_json::from_str::<ClientFrame>(text.as_str()) {
                     Ok(ClientFrame::Ping) => self.send_json(json!({"type": "pong"})).await,
@@ -380,27 +315,20 @@ impl Connection {
                     Err(_) => {
                         let kind = serde_json::from_str::<serde_json::Value>(text.as_str())
                             .ok()
-                            .and_then(|v| {
-                                v.get("type").and_then(|t| t.as_str()).map(str::to_owned)
-                            });
+                            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
                         match kind {
                             Some(kind) if kind == "ping" || kind == "subscribe" => {
-                                self.reject("invalid_message", "malformed fields for this type")
-                                    .await
+                                self.reject("invalid_message", "malformed fields for this type").await
                             }
                             Some(_) => self.reject("unknown_type", "unknown message type").await,
                             None => {
-                                self.reject("invalid_message", "expected a JSON object with a type")
-                                    .await
+                                self.reject("invalid_message", "expected a JSON object with a type").await
                             }
                         }
                     }
                 }
             }
-            Message::Binary(_) => {
-                self.reject("binary_not_supported", "send JSON text frames")
-                    .await
-            }
+            Message::Binary(_) => self.reject("binary_not_supported", "send JSON text frames").await,
             Message::Close(_) => Err(End::Gone("peer_closed")),
             Message::Ping(_) | Message::Pong(_) => Ok(()),
         }
@@ -408,9 +336,7 @@ impl Connection {
 
     async fn subscribe(&mut self, chat_ids: Vec<String>) -> Result<(), End> {
         if chat_ids.len() > MAX_SUBSCRIBED_CHATS {
-            return self
-                .reject("too_many_chats", "at most 1000 chats per subscribe")
-                .await;
+            return self.reject("too_many_chats", "at most 1000 chats per subscribe").await;
         }
         let ack = json!({"type": "subscribed", "chat_ids": chat_ids});
         self.chats = (!chat_ids.is_empty()).then(|| chat_ids.into_iter().collect());
@@ -422,8 +348,7 @@ impl Connection {
         if self.invalid_messages > MAX_INVALID_MESSAGES {
             return Err(End::Close(Close::POLICY));
         }
-        self.send_json(json!({"type": "error", "code": code, "message": message}))
-            .await
+        self.send_json(json!({"type": "error", "code": code, "message": message})).await
     }
 }
 

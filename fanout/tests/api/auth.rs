@@ -1,0 +1,39 @@
+//! Who may open a socket.
+
+use crate::helpers::{expired_token, spawn_app, token};
+use shared::claims::JwtKeys;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+#[tokio::test]
+async fn a_missing_token_is_refused_with_401() {
+    let app = spawn_app().await;
+    assert_eq!(app.try_connect(&app.ws_url(None, None)).await.err(), Some(401));
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refused_with_401() {
+    let app = spawn_app().await;
+    assert_eq!(app.try_connect(&app.ws_url(Some(&expired_token()), None)).await.err(), Some(401));
+}
+
+#[tokio::test]
+async fn a_token_signed_with_another_secret_is_refused_with_401() {
+    let app = spawn_app().await;
+    let forged = JwtKeys::new(&"another-secret".to_string().into()).issue(
+        "u",
+        vec!["*".into()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(app.try_connect(&app.ws_url(Some(&forged), None)).await.err(), Some(401));
+    assert_eq!(app.try_connect(&app.ws_url(Some("not-a-jwt"), None)).await.err(), Some(401));
+}
+
+#[tokio::test]
+async fn a_bearer_header_is_accepted_like_the_query_parameter() {
+    let app = spawn_app().await;
+    let mut request = app.ws_url(None, None).into_client_request().unwrap();
+    request.headers_mut().insert("Authorization", format!("Bearer {}", token(&["*"])).parse().unwrap());
+    let mut client = crate::helpers::try_connect_request(request).await.expect("upgrade accepted");
+    client.hello().await;
+}

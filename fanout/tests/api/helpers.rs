@@ -1,0 +1,425 @@
+//! Test harness: real fanout servers on free ports against the real NATS, a unique
+//! stream and subject prefix per test, and a small WebSocket client that asserts what
+//! a user would see.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use fanout::{Application, Config};
+use futures::{SinkExt, StreamExt};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use shared::claims::{Claims, JwtKeys};
+use shared::config::{LogFormat, NatsArgs, TelemetryArgs};
+use shared::envelope::{Envelope, EventType};
+use shared::subjects::Subjects;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "fanout-test-secret";
+/// How long any single expectation may take.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub fn keys() -> JwtKeys {
+    JwtKeys::new(&SecretString::from(SECRET))
+}
+
+/// A valid token for these accounts (`"*"` for all).
+pub fn token(accounts: &[&str]) -> String {
+    keys().issue("user-1", accounts.iter().map(|a| a.to_string()).collect(), Duration::from_secs(600))
+}
+
+/// Where a test's events live; the stream is deleted when the last holder drops.
+pub struct StreamGuard {
+    pub url: String,
+    pub name: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // The test's runtime may be gone; clean up on a runtime of our own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let connect =
+                    async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(url);
+                if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await {
+                    let js = jetstream::new(client);
+                    let _ = tokio::time::timeout(Duration::from_secs(3), js.delete_stream(&name)).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A test's stream, subjects and a JetStream client to publish with.
+#[derive(Clone)]
+pub struct Events {
+    pub js: jetstream::Context,
+    pub stream_name: String,
+    pub subjects: Subjects,
+    _guard: Arc<StreamGuard>,
+}
+
+impl Events {
+    pub async fn new(url: &str) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach NATS at {url} (set NATS_URL): {e}"));
+        let stream_name = format!("FANOUT_TEST_{id}");
+        Self {
+            js: jetstream::new(client),
+            stream_name: stream_name.clone(),
+            subjects: Subjects::new(format!("fanouttest.{id}")).unwrap(),
+            _guard: Arc::new(StreamGuard { url: url.to_owned(), name: stream_name }),
+        }
+    }
+
+    /// Publishes one event as ingest would and returns its stream sequence.
+    pub async fn publish(&self, account: &str, chat: Option<&str>, data: Value) -> u64 {
+        let kind = if chat.is_some() { EventType::MessageNew } else { EventType::AccountStatus };
+        let envelope = Envelope::new(kind, account, chat.map(str::to_owned), chrono::Utc::now(), data);
+        let subject = self.subjects.event(account, chat, kind);
+        let ack = self
+            .js
+            .publish(subject, envelope.to_bytes().into())
+            .await
+            .expect("publishing")
+            .await
+            .expect("publish acknowledged");
+        ack.sequence
+    }
+
+    pub async fn stream(&self) -> jetstream::stream::Stream {
+        self.js.get_stream(&self.stream_name).await.expect("stream exists")
+    }
+}
+
+/// A configuration for a test server on a free port.
+pub fn config(url: &str, events: &Events) -> Config {
+    Config {
+        nats: NatsArgs {
+            nats_url: url.to_owned(),
+            stream_name: events.stream_name.clone(),
+            subject_prefix: events.subjects.clone(),
+        },
+        telemetry: TelemetryArgs { log_format: LogFormat::Text },
+        jwt_secret: SecretString::from(SECRET),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_connections: 1000,
+        queue_capacity: 256,
+        heartbeat_secs: 30,
+        write_timeout_secs: 10,
+        replay_window: 10_000,
+        max_client_message: 4096,
+        follow_heartbeat_ms: 500,
+        shutdown_grace_secs: 5,
+    }
+}
+
+/// A running fanout server.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub events: Events,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A server on a fresh stream against the machine's NATS.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Same, with the configuration adjusted first.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let url = nats_url();
+    let events = Events::new(&url).await;
+    let mut config = config(&url, &events);
+    adjust(&mut config);
+    spawn(config, events).await
+}
+
+/// Starts a server with this configuration and waits until it is ready.
+pub async fn spawn(config: Config, events: Events) -> TestApp {
+    shared::telemetry::init_tracing(LogFormat::Text);
+    let app = Application::build(config).await.expect("building the app");
+    let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().unwrap();
+    let (stop, stopped) = oneshot::channel();
+    let handle = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let app = TestApp { addr, events, stop: Some(stop), handle: Some(handle) };
+    app.wait_ready(true).await;
+    app
+}
+
+impl TestApp {
+    /// Another replica on the same stream.
+    pub async fn replica(&self, adjust: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = config(&nats_url(), &self.events);
+        adjust(&mut config);
+        spawn(config, self.events.clone()).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn readyz(&self) -> reqwest::StatusCode {
+        match reqwest::get(self.url("/readyz")).await {
+            Ok(response) => response.status(),
+            Err(_) => reqwest::StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Waits until `/readyz` says `ready`.
+    pub async fn wait_ready(&self, ready: bool) {
+        let want = if ready { reqwest::StatusCode::OK } else { reqwest::StatusCode::SERVICE_UNAVAILABLE };
+        wait_until(&format!("readyz to be {want}"), || async { self.readyz().await == want }).await;
+    }
+
+    /// Stops the server (SIGTERM equivalent) and waits for it to finish.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(WAIT, handle)
+                .await
+                .expect("server stops in time")
+                .expect("server task")
+                .expect("server stops cleanly");
+        }
+    }
+
+    /// Opens a WebSocket; panics unless the upgrade succeeds.
+    pub async fn connect(&self, token: &str, since: Option<u64>) -> WsClient {
+        self.try_connect(&self.ws_url(Some(token), since)).await.expect("upgrade accepted")
+    }
+
+    /// Connects and reads `hello`.
+    pub async fn connect_hello(&self, token: &str, since: Option<u64>) -> (WsClient, Value) {
+        let mut client = self.connect(token, since).await;
+        let hello = client.hello().await;
+        (client, hello)
+    }
+
+    pub fn ws_url(&self, token: Option<&str>, since: Option<u64>) -> String {
+        let mut url = format!("ws://{}/ws/messages", self.addr);
+        let mut sep = '?';
+        if let Some(token) = token {
+            url.push_str(&format!("{sep}token={token}"));
+            sep = '&';
+        }
+        if let Some(since) = since {
+            url.push_str(&format!("{sep}since={since}"));
+        }
+        url
+    }
+
+    /// Opens a WebSocket or returns the HTTP status the upgrade was refused with.
+    pub async fn try_connect(&self, url: &str) -> Result<WsClient, u16> {
+        try_connect_request(url).await
+    }
+}
+
+pub async fn try_connect_request<R>(request: R) -> Result<WsClient, u16>
+where
+    R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+{
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(WsClient { ws }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+        Err(other) => panic!("connecting: {other}"),
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after [`WAIT`].
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the server sent next.
+#[derive(Debug)]
+pub enum Frame {
+    Json(Value),
+    Close(u16, String),
+    /// The connection ended without a close frame.
+    Ended,
+}
+
+pub struct WsClient {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    /// The next text frame or close, skipping pings and pongs.
+    pub async fn frame(&mut self) -> Frame {
+        self.frame_within(WAIT).await.expect("a frame in time")
+    }
+
+    pub async fn frame_within(&mut self, wait: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            return Some(match next {
+                Some(Ok(Message::Text(text))) => {
+                    Frame::Json(serde_json::from_str(text.as_str()).expect("JSON frame"))
+                }
+                Some(Ok(Message::Close(Some(close)))) => {
+                    Frame::Close(u16::from(close.code), close.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => Frame::Close(u16::from(CloseCode::Status), String::new()),
+                Some(Ok(Message::Binary(_))) => panic!("server sent a binary frame"),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Frame::Ended,
+            });
+        }
+    }
+
+    /// The next JSON frame; panics on a close.
+    pub async fn json(&mut self) -> Value {
+        match self.frame().await {
+            Frame::Json(value) => value,
+            other => panic!("expected a JSON frame, got {other:?}"),
+        }
+    }
+
+    pub async fn hello(&mut self) -> Value {
+        let hello = self.json().await;
+        assert_eq!(hello["type"], "hello", "first frame is hello: {hello}");
+        hello
+    }
+
+    /// The next event; panics on anything else.
+    pub async fn event(&mut self) -> Value {
+        let event = self.json().await;
+        assert!(
+            event.get("seq").is_some() && event.get("account_id").is_some(),
+            "expected an event: {event}"
+        );
+        event
+    }
+
+    /// The sequences of the next `n` events.
+    pub async fn seqs(&mut self, n: usize) -> Vec<u64> {
+        let mut seqs = Vec::with_capacity(n);
+        for _ in 0..n {
+            seqs.push(self.event().await["seq"].as_u64().unwrap());
+        }
+        seqs
+    }
+
+    /// Reads until the server closes; returns the code, the reason and the events seen.
+    pub async fn until_close(&mut self) -> (u16, String, Vec<Value>) {
+        let mut seen = Vec::new();
+        loop {
+            match self.frame().await {
+                Frame::Json(value) => seen.push(value),
+                Frame::Close(code, reason) => return (code, reason, seen),
+                Frame::Ended => panic!("connection ended without a close frame after {} frames", seen.len()),
+            }
+        }
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.ws.send(Message::text(value.to_string())).await.expect("sending");
+    }
+
+    pub async fn send(&mut self, message: Message) {
+        self.ws.send(message).await.expect("sending");
+    }
+
+    /// Asks for a pong: once it arrives, every event dispatched before has arrived too.
+    pub async fn ping(&mut self) -> Value {
+        self.send_json(json!({"type": "ping"})).await;
+        self.json().await
+    }
+}
+
+/// A token that expired a minute ago.
+pub fn expired_token() -> String {
+    keys().sign(&Claims {
+        sub: "u".into(),
+        exp: chrono::Utc::now().timestamp() - 60,
+        accounts: vec!["*".into()],
+    })
+}
+
+/// A nats-server of the test's own (JetStream, file store), to stop and restart.
+pub struct OwnNats {
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnNats {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let store = std::env::temp_dir().join(format!("fanout-test-nats-{}", uuid::Uuid::new_v4().simple()));
+        let mut nats = Self { port, store, child: None };
+        nats.resume().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and store.
+    pub async fn resume(&mut self) {
+        let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".into());
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary} (set NATS_SERVER_BIN): {e}"));
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("nats-server to accept connections", || async move {
+            TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}

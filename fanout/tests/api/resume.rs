@@ -1,0 +1,139 @@
+//! `?since=` gives exactly the missed events, then live, on any replica.
+
+use serde_json::json;
+
+use tokio::net::TcpSocket;
+use tokio_tungstenite::MaybeTlsStream;
+
+use crate::helpers::{Frame, WsClient, spawn_app, spawn_app_with, token};
+
+#[tokio::test]
+async fn resuming_on_the_same_replica_delivers_exactly_the_missed_events_then_live() {
+    let app = spawn_app().await;
+    let (mut client, _) = app.connect_hello(&token(&["acc_a"]), None).await;
+    let first = app.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(client.seqs(1).await, vec![first]);
+    drop(client);
+
+    let mut missed = Vec::new();
+    for i in 0..5 {
+        app.events.publish("acc_b", Some("c"), json!({})).await;
+        missed.push(app.events.publish("acc_a", Some("c"), json!({"i": i})).await);
+    }
+    let (mut client, hello) = app.connect_hello(&token(&["acc_a"]), Some(first)).await;
+    assert_eq!(hello["recovered"], true);
+    assert_eq!(client.seqs(missed.len()).await, missed);
+    let live = app.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(client.seqs(1).await, vec![live], "no duplicate, no gap");
+}
+
+#[tokio::test]
+async fn a_second_replica_that_never_saw_the_client_resumes_it_from_jetstream() {
+    let mut first = spawn_app().await;
+    let (mut client, _) = first.connect_hello(&token(&["acc_a"]), None).await;
+    let seen = first.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(client.seqs(1).await, vec![seen]);
+
+    first.stop().await;
+    match client.frame().await {
+        Frame::Close(code, _) => assert_eq!(code, 1012, "shutdown closes with 1012"),
+        other => panic!("expected a close, got {other:?}"),
+    }
+    let mut missed = Vec::new();
+    for i in 0..4 {
+        missed.push(first.events.publish("acc_a", Some("c"), json!({"i": i})).await);
+        first.events.publish("acc_other", Some("c"), json!({})).await;
+    }
+    // Started after the events: its memory does not reach back, JetStream must.
+    let second = first.replica(|_| {}).await;
+    let (mut client, hello) = second.connect_hello(&token(&["acc_a"]), Some(seen)).await;
+    assert_eq!(hello["recovered"], true);
+    assert_eq!(client.seqs(missed.len()).await, missed);
+    let live = second.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(client.seqs(1).await, vec![live]);
+}
+
+#[tokio::test]
+async fn a_multi_account_resume_from_jetstream_filters_to_the_tokens_accounts() {
+    let app = spawn_app_with(|c| c.replay_window = 0).await;
+    let since = app.events.publish("acc_a", Some("c"), json!({})).await;
+    let mut expected = Vec::new();
+    for _ in 0..3 {
+        expected.push(app.events.publish("acc_a", Some("c"), json!({})).await);
+        app.events.publish("acc_b", Some("c"), json!({})).await;
+        expected.push(app.events.publish("acc_c", None, json!({})).await);
+    }
+    let (mut client, hello) = app.connect_hello(&token(&["acc_a", "acc_c"]), Some(since)).await;
+    assert_eq!(hello["recovered"], true);
+    assert_eq!(client.seqs(expected.len()).await, expected);
+    assert_eq!(client.ping().await["type"], "pong", "nothing more than the missed events");
+}
+
+#[tokio::test]
+async fn a_long_resume_under_live_traffic_has_no_gap_and_no_duplicate() {
+    // No memory window and a small queue; the client holds back reading while live
+    // events arrive, so its queue overflows during catch-up and the server has to
+    // catch up again from JetStream before going live.
+    let app = spawn_app_with(|c| {
+        c.replay_window = 0;
+        c.queue_capacity = 16;
+        c.write_timeout_secs = 60;
+    })
+    .await;
+    let since = app.events.publish("acc_a", Some("c"), json!({})).await;
+    let padding = "x".repeat(16 * 1024);
+    let mut expected = Vec::new();
+    for i in 0..600 {
+        expected.push(app.events.publish("acc_a", Some("c"), json!({"i": i, "pad": padding})).await);
+    }
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let url = app.ws_url(Some(&token(&["acc_a"])), Some(since));
+    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.unwrap();
+    let mut client = WsClient { ws };
+    assert_eq!(client.hello().await["recovered"], true);
+    for i in 0..100 {
+        expected.push(app.events.publish("acc_a", Some("c"), json!({"live": i})).await);
+    }
+    assert_eq!(client.seqs(expected.len()).await, expected);
+    let last = app.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(client.seqs(1).await, vec![last], "live after catching up");
+}
+
+#[tokio::test]
+async fn recovered_is_false_when_the_stream_no_longer_reaches_back() {
+    // Without a memory window: a replica that still holds the events in memory would
+    // (rightly) deliver them.
+    let app = spawn_app_with(|c| c.replay_window = 0).await;
+    let old = app.events.publish("acc_a", Some("c"), json!({})).await;
+    app.events.publish("acc_a", Some("c"), json!({})).await;
+    app.events.stream().await.purge().await.expect("purge");
+    let (mut client, hello) = app.connect_hello(&token(&["acc_a"]), Some(old)).await;
+    assert_eq!(hello["recovered"], false, "{hello}");
+    let live = app.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(client.seqs(1).await, vec![live], "live events follow from now");
+}
+
+#[tokio::test]
+async fn recovered_is_false_with_a_limited_stream_that_dropped_the_history() {
+    let app = spawn_app_with(|c| c.replay_window = 0).await;
+    let mut stream = app.events.stream().await;
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_messages = 3;
+    app.events.js.update_stream(config).await.expect("limit the stream");
+    let old = app.events.publish("acc_a", Some("c"), json!({})).await;
+    for _ in 0..5 {
+        app.events.publish("acc_a", Some("c"), json!({})).await;
+    }
+    let (_client, hello) = app.connect_hello(&token(&["acc_a"]), Some(old)).await;
+    assert_eq!(hello["recovered"], false);
+}
+
+#[tokio::test]
+async fn a_sequence_the_stream_never_had_is_not_recovered() {
+    let app = spawn_app().await;
+    let head = app.events.publish("acc_a", Some("c"), json!({})).await;
+    let (_client, hello) = app.connect_hello(&token(&["acc_a"]), Some(head + 1000)).await;
+    assert_eq!(hello["recovered"], false);
+}
