@@ -243,7 +243,6 @@ impl UnipileClient {
     }
 
     /// All webhooks, collected from every page.
-    #[tracing::instrument(skip_all, err)]
     pub async fn list_webhooks(&self) -> Result<Vec<Webhook>, UnipileError> {
         self.webhooks().try_collect().await
     }
