@@ -5,10 +5,12 @@
 //! with an outbox row ([`store`]); deliveries that arrive together share one
 //! transaction. After the commit the [`outbox`] relay publishes the event to NATS
 //! JetStream, and a sweeper republishes whatever a crash or an outage left behind, so
-//! every acknowledged webhook reaches the stream at least once.
+//! every acknowledged webhook reaches the stream at least once. The [`api`] module
+//! serves the REST read API (chats, messages, mark-read) and its OpenAPI description.
 //!
 //! Run it with `ingest serve` (the default); `ingest --help` lists the configuration.
 
+pub mod api;
 pub mod config;
 pub mod error;
 pub mod health;

@@ -6,6 +6,8 @@
 
 #[allow(dead_code)] // each test module uses a different part of the harness
 mod helpers;
+mod events;
+mod rest;
 mod outage;
 mod startup;
 mod webhooks;

@@ -1,0 +1,72 @@
+//! Who calls the REST API: the same JWT as fanout's WebSocket, in `Authorization: Bearer`.
+//!
+//! A missing, expired or badly signed token is a 401 with the usual error body. The
+//! token's `accounts` scope every answer: a chat of another account is a 404, the same as
+//! a chat that does not exist, so ids of other tenants cannot be probed.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use shared::claims::Claims;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The verified claims of the caller's token. Taking it as an argument makes a handler
+/// authenticated.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Claims);
+
+impl Caller {
+    /// Whether the caller may see this account's chats.
+    pub fn allows(&self, account_id: &str) -> bool {
+        self.0.allows(account_id)
+    }
+
+    /// The accounts to filter on, `None` for a token that sees all of them.
+    pub fn accounts(&self) -> Option<&[String]> {
+        (!self.0.sees_all()).then_some(self.0.accounts.as_slice())
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_token)
+            .ok_or(ApiError::Unauthorized)?;
+        state.jwt.verify(token).map(Caller).map_err(|e| {
+            tracing::debug!(error = %e, "refusing a REST token");
+            ApiError::Unauthorized
+        })
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+    }
+
+    #[test]
+    fn other_schemes_and_empty_tokens_are_refused() {
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("abc"), None);
+    }
+}

@@ -1,0 +1,111 @@
+//! The REST read API: a user's inbox as it stands, for page loads and after a resume
+//! that came too late (`"recovered": false`).
+//!
+//! - `GET /api/chats?account_id=&limit=&cursor=`: chats, newest activity first.
+//! - `GET /api/chats/{chat_id}/messages?limit=&before=`: a chat's messages, newest first.
+//! - `POST /api/chats/{chat_id}/read`: unread count to 0; emits `chat:read`.
+//! - `GET /api/openapi.json`: the OpenAPI description of these and the webhooks.
+//!
+//! Every call but the last needs the fanout token ([`auth`]) and sees only its accounts.
+//! Lists page with keyset cursors ([`cursor`]): a page never repeats or skips an item
+//! because of messages that arrive meanwhile. Errors have the one shape of
+//! [`crate::error::ApiError`].
+
+pub mod auth;
+pub mod chats;
+pub mod cursor;
+pub mod messages;
+pub mod openapi;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderValue, Method, header};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Items per page when the client does not say.
+pub const DEFAULT_LIMIT: i64 = 50;
+/// Most items per page; a larger `limit` is cut to this.
+pub const MAX_LIMIT: i64 = 200;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/chats", get(chats::list))
+        .route("/api/chats/{chat_id}/messages", get(messages::list))
+        .route("/api/chats/{chat_id}/read", post(chats::mark_read))
+        .route("/api/openapi.json", get(openapi::serve))
+}
+
+/// CORS for the browser origins allowed to call the REST API (none when the list is
+/// empty). Origins that are not valid header values are left out with a warning.
+pub fn cors(origins: &[String]) -> CorsLayer {
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .filter_map(|o| match HeaderValue::from_str(o) {
+            Ok(value) => Some(value),
+            Err(_) => {
+                tracing::warn!(origin = o, "ignoring a CORS origin that is not a valid header value");
+                None
+            }
+        })
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(allowed))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(3600))
+}
+
+/// The page size asked for: default 50, at most 200, at least 1.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_LIMIT),
+        Some(n) if n < 1 => Err(ApiError::BadRequest("limit must be at least 1".into())),
+        Some(n) => Ok(n.min(MAX_LIMIT)),
+    }
+}
+
+/// The error body every failing call answers with.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `unauthorized`, `not_found`, `bad_request`,
+    /// `payload_too_large`, `unavailable`, `internal`.
+    pub code: String,
+    /// For people; may change.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+
+    #[test]
+    fn limits_default_to_50_are_capped_at_200_and_must_be_positive() {
+        assert_eq!(page_limit(None).unwrap(), 50);
+        assert_eq!(page_limit(Some(7)).unwrap(), 7);
+        assert_eq!(page_limit(Some(5000)).unwrap(), 200);
+        assert!(matches!(page_limit(Some(0)), Err(ApiError::BadRequest(_))));
+    }
+
+    #[tokio::test]
+    async fn the_documented_error_body_is_what_errors_answer() {
+        let response = ApiError::NotFound.into_response();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body: ErrorBody = serde_json::from_slice(&bytes).expect("matches ErrorBody");
+        assert_eq!(body.error.code, "not_found");
+    }
+}
