@@ -319,18 +319,28 @@ pub async fn catch_up(client: &UnipileClient, pool: &PgPool) -> Result<SyncRepor
     Ok(total)
 }
 
-/// [`catch_up`] until it succeeds, pausing longer after each failure.
+/// Key of the advisory lock that lets one replica at a time run the start-up catch-up
+/// (the bytes of "unipilesy").
+pub const CATCH_UP_LOCK_KEY: i64 = 0x756e_6970_696c_6573;
+
+/// [`catch_up`] until it succeeds, pausing longer after each failure. When replicas
+/// start together, the one that takes the lock does it and the others skip it: the
+/// history is the same for all.
 pub async fn run_catch_up(client: UnipileClient, pool: PgPool, backoff: super::webhooks::BackgroundBackoff) {
     let mut pause = backoff.first;
     loop {
-        match catch_up(&client, &pool).await {
-            Ok(report) => {
+        match catch_up_once(&client, &pool).await {
+            Ok(Some(report)) => {
                 tracing::info!(
                     accounts = report.accounts,
                     chats = report.chats,
                     messages_stored = report.messages_stored,
                     "start-up catch-up done"
                 );
+                return;
+            }
+            Ok(None) => {
+                tracing::info!("another replica is running the start-up catch-up; skipped here");
                 return;
             }
             Err(error) => {
@@ -340,4 +350,19 @@ pub async fn run_catch_up(client: UnipileClient, pool: PgPool, backoff: super::w
             }
         }
     }
+}
+
+/// [`catch_up`] under [`CATCH_UP_LOCK_KEY`]; `None` when another replica holds it.
+async fn catch_up_once(client: &UnipileClient, pool: &PgPool) -> Result<Option<SyncReport>, SyncError> {
+    let mut lock = pool.begin().await?;
+    let acquired: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
+        .bind(CATCH_UP_LOCK_KEY)
+        .fetch_one(&mut *lock)
+        .await?;
+    if !acquired {
+        return Ok(None);
+    }
+    let report = catch_up(client, pool).await?;
+    lock.commit().await?;
+    Ok(Some(report))
 }

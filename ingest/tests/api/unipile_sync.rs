@@ -1,7 +1,10 @@
 //! History backfill from a fake Unipile into a fresh database.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use ingest::unipile::sync::{self, AccountRef, SyncReport};
+use ingest::unipile::webhooks::BackgroundBackoff;
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -140,20 +143,17 @@ async fn unipile_sync_since_skips_older_chats_and_messages() {
     assert_eq!(ids, ["Se1Nt2By3Me4Xx5Yy6Zz7A"]);
 }
 
-#[tokio::test]
-async fn unipile_catch_up_fetches_what_arrived_since_the_newest_stored_message() {
-    let fake = FakeUnipile::start().await;
-    fake.serve_history().await;
-    let (pool, _) = migrated_database().await;
+/// The relay as it was before a restart: the oldest message of [`CHAT_ID`] stored.
+async fn seed_one_stored_message(pool: &PgPool) {
     sqlx::query("insert into accounts (id, account_type) values ($1, 'WHATSAPP')")
         .bind(ACCOUNT_ID)
-        .execute(&pool)
+        .execute(pool)
         .await
         .unwrap();
     sqlx::query("insert into chats (id, account_id, unread_count) values ($1, $2, 5)")
         .bind(CHAT_ID)
         .bind(ACCOUNT_ID)
-        .execute(&pool)
+        .execute(pool)
         .await
         .unwrap();
     sqlx::query(
@@ -162,9 +162,17 @@ async fn unipile_catch_up_fetches_what_arrived_since_the_newest_stored_message()
     )
     .bind(CHAT_ID)
     .bind(ACCOUNT_ID)
-    .execute(&pool)
+    .execute(pool)
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn unipile_catch_up_fetches_what_arrived_since_the_newest_stored_message() {
+    let fake = FakeUnipile::start().await;
+    fake.serve_history().await;
+    let (pool, _) = migrated_database().await;
+    seed_one_stored_message(&pool).await;
 
     let report = sync::catch_up(&fake.client(), &pool).await.unwrap();
     assert_eq!((report.chats, report.chats_skipped, report.messages_stored), (1, 1, 1));
@@ -196,4 +204,36 @@ async fn unipile_known_accounts_are_the_database_ones_and_unipiles() {
             AccountRef { id: ACCOUNT_ID.into(), account_type: Some("WHATSAPP".into()) },
         ]
     );
+}
+
+#[tokio::test]
+async fn unipile_start_up_catch_up_runs_on_one_replica_at_a_time() {
+    let fake = FakeUnipile::start().await;
+    fake.serve_history().await;
+    let (pool, _) = migrated_database().await;
+    seed_one_stored_message(&pool).await;
+    let backoff = BackgroundBackoff { first: Duration::from_millis(20), max: Duration::from_millis(50) };
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from messages").fetch_one(&pool).await.unwrap()
+    };
+
+    let mut other_replica = pool.begin().await.unwrap();
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(sync::CATCH_UP_LOCK_KEY)
+        .execute(&mut *other_replica)
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        sync::run_catch_up(fake.client(), pool.clone(), backoff.clone()),
+    )
+    .await
+    .expect("a replica that finds the catch-up taken does not wait for it");
+    assert_eq!(count().await, 1, "skipped while another replica runs it");
+    other_replica.rollback().await.unwrap();
+
+    tokio::time::timeout(Duration::from_secs(10), sync::run_catch_up(fake.client(), pool.clone(), backoff))
+        .await
+        .expect("the catch-up finishes");
+    assert_eq!(count().await, 2);
 }
