@@ -330,3 +330,23 @@ async fn an_unusable_account_status_is_dead_lettered() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_delivery_receipt_is_stored_once_without_an_event() {
+    let app = spawn_app().await;
+    let (id, message) = received("2026-11-28T16:02:11.000Z");
+    app.post_message_expect(&message, "accepted").await;
+    let mut delivered = update("message_read.json", &id);
+    delivered["event"] = "message_delivered".into();
+    app.post_message_expect(&delivered, "accepted").await;
+    app.post_message_expect(&delivered, "duplicate").await;
+
+    let delivered_at: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("select delivered_at from messages where id = $1")
+            .bind(&id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(delivered_at.is_some());
+    assert_eq!(outbox_rows(&app).await, 1, "only message:new: the contract has no delivery event");
+}
