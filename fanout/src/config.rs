@@ -32,6 +32,8 @@ pub enum Command {
     Serve(Config),
     /// Print a client token signed with JWT_SECRET (for development and load tests).
     Token(TokenArgs),
+    /// Print events from the JetStream stream as readable lines (or JSON with --json).
+    Tail(crate::tail::TailArgs),
 }
 
 /// Everything the server needs.

@@ -19,9 +19,11 @@ pub mod follower;
 pub mod health;
 pub mod hub;
 pub mod metrics;
+pub mod page;
 pub mod resume;
 pub mod startup;
 pub mod state;
+pub mod tail;
 pub mod ws;
 
 pub use config::Config;

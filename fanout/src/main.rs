@@ -21,6 +21,7 @@ async fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        (Some(Command::Tail(args)), _) => return fanout::tail::run(args).await,
         // Nothing given at all: parse as `fanout serve` so clap names what is missing.
         (None, None) => match Cli::parse_from(["fanout", "serve"]).command {
             Some(Command::Serve(config)) => config,

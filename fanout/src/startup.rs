@@ -20,7 +20,7 @@ use crate::follower::{Follower, FollowerStatus};
 use crate::hub::Hub;
 use crate::resume::History;
 use crate::state::{AppState, Limits, Slots};
-use crate::{health, ws};
+use crate::{health, page, ws};
 
 /// Pending connections the listener queues while the server accepts.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -181,6 +181,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ws::router())
         .merge(health::router())
+        .merge(page::router())
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

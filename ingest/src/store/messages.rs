@@ -136,7 +136,7 @@ pub async fn insert(
     let mut claimed = HashSet::new();
     let stored: Vec<bool> = messages
         .iter()
-        .map(|m| new_ids.contains(&m.message_id) && claimed.insert(m.message_id.as_str()))
+        .map(|m| new_ids.contains_key(&m.message_id) && claimed.insert(m.message_id.as_str()))
         .collect();
     let chats = bump_chats(tx, messages, &stored).await?;
 
@@ -163,7 +163,7 @@ pub async fn insert(
                 m.account_id.clone(),
                 Some(m.chat_id.clone()),
                 m.sent_at,
-                json!({ "message": m.view(), "chat": view }),
+                json!({ "message": MessageView { text: new_ids[&m.message_id].clone(), ..m.view() }, "chat": view }),
             )
         });
         results.push(Inserted { outcome, event });
@@ -222,11 +222,12 @@ async fn upsert_chats(
     Ok(())
 }
 
-/// Inserts the rows in id order, filling in placeholders; returns the ids that were new.
+/// Inserts the rows in id order, filling in placeholders; returns the ids that were new
+/// with their stored text (a placeholder keeps the text of an edit that came first).
 async fn insert_rows(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[&NewMessage],
-) -> Result<HashSet<String>, sqlx::Error> {
+) -> Result<HashMap<String, Option<String>>, sqlx::Error> {
     let mut sorted: Vec<&NewMessage> = messages.to_vec();
     sorted.sort_by(|a, b| a.message_id.cmp(&b.message_id));
     // `do update` may not touch a row twice in one statement: the first of an id only.
@@ -244,7 +245,7 @@ async fn insert_rows(
         sorted.iter().map(|m| json_text(&Value::from(m.attachments.clone()))).collect();
     let quoted: Vec<Option<String>> = sorted.iter().map(|m| m.quoted.as_ref().map(json_text)).collect();
     let raw: Vec<Option<String>> = sorted.iter().map(|m| m.raw.as_ref().map(json_text)).collect();
-    let new_ids: Vec<String> = sqlx::query_scalar(
+    let new_ids: Vec<(String, Option<String>)> = sqlx::query_as(
         "insert into messages
              (id, chat_id, account_id, provider_message_id, text, sender, is_sender, sent_at,
               attachments, quoted, raw)
@@ -263,7 +264,7 @@ async fn insert_rows(
          -- Only a placeholder (an update that came first) is filled in; a message deleted
          -- before it arrived stays a hidden tombstone.
          where messages.placeholder and messages.deleted_at is null
-         returning id",
+         returning id, text",
     )
     .bind(ids)
     .bind(chats)

@@ -230,6 +230,10 @@ async fn updates_that_overtake_their_message_are_kept_and_the_message_fills_them
     );
     assert_eq!(events[0].data["message"]["placeholder"], true);
     assert_eq!(events[3].data["message"]["id"], id.as_str());
+    assert_eq!(
+        events[3].data["message"]["text"], "edited before it arrived",
+        "message:new shows what is stored"
+    );
     assert_eq!(events[3].data["chat"]["unread_count"], 1);
 }
 

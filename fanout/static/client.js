@@ -1,0 +1,276 @@
+// @ts-check
+/**
+ * client.js: a small, dependency-free WebSocket client for the Unipile realtime relay.
+ *
+ * Connects to fanout's `GET /ws/messages`, keeps the last sequence number seen, and on
+ * any drop reconnects with exponential backoff (jittered: a random delay between half and all of
+ * min(30 s, base * 2^attempt)) resuming
+ * with `?since=<last seq>`, so no event is lost or repeated. When the server says the
+ * history no longer reaches back that far (`hello.recovered === false`, or close code
+ * 4001), it emits `reload` so the app refetches by REST.
+ *
+ * ```js
+ * import { RelayClient } from "https://relay.example.com/client.js";
+ * const relay = new RelayClient({ url: "wss://relay.example.com/ws/messages", token });
+ * relay.on("message:new", (e) => render(e.data.message));
+ * relay.on("status", (s) => badge(s.state));
+ * relay.on("reload", () => refetchInbox());
+ * relay.connect();
+ * ```
+ *
+ * @module client
+ */
+
+/**
+ * @typedef {object} Hello
+ * @property {"hello"} type
+ * @property {string} connection_id
+ * @property {number} seq             latest sequence number of the stream
+ * @property {number} heartbeat_s     seconds between server pings
+ * @property {boolean} [recovered]    present on a resume: true = no gap, false = reload by REST
+ */
+
+/**
+ * The event envelope, identical on NATS and on the socket.
+ * @typedef {object} RelayEvent
+ * @property {"message:new"|"message:read"|"message:reaction"|"message:edited"|"message:deleted"|"chat:read"|"account:status"} type
+ * @property {string} id              unique per event
+ * @property {number} seq             stream sequence, strictly increasing on a connection
+ * @property {string} account_id
+ * @property {string|null} chat_id
+ * @property {string} occurred_at     RFC 3339
+ * @property {any} data               per type; see DESIGN.md
+ */
+
+/**
+ * @typedef {object} Status
+ * @property {"connecting"|"open"|"reconnecting"|"closed"} state
+ * @property {number} attempt         consecutive failed attempts (0 when open)
+ * @property {number} [delay_ms]      wait before the next attempt (reconnecting only)
+ * @property {number} [code]          close code of the socket that just ended
+ * @property {string} [reason]
+ */
+
+/**
+ * Handlers by event name: the lifecycle events plus every envelope type.
+ * @typedef {object} RelayEvents
+ * @property {Hello} hello
+ * @property {RelayEvent} event               every envelope, whatever its type
+ * @property {RelayEvent} message:new
+ * @property {RelayEvent} message:read
+ * @property {RelayEvent} message:reaction
+ * @property {RelayEvent} message:edited
+ * @property {RelayEvent} message:deleted
+ * @property {RelayEvent} chat:read
+ * @property {RelayEvent} account:status
+ * @property {Status} status
+ * @property {{reason: string}} reload        history lost: refetch by REST
+ * @property {{code?: string, message: string}} error
+ */
+
+/**
+ * @typedef {object} RelayClientOptions
+ * @property {string} url                     ws(s)://host/ws/messages
+ * @property {string | (() => string | Promise<string>)} token  a JWT, or a function returning a fresh one
+ * @property {number} [since]                 resume after this sequence on the first connect
+ * @property {string[]} [chatIds]             narrow the connection to these chats (re-sent on every reconnect)
+ * @property {number} [baseDelayMs=500]       first backoff step
+ * @property {number} [maxDelayMs=30000]      backoff cap
+ * @property {typeof WebSocket} [WebSocketImpl]
+ */
+
+const TERMINAL_CODES = new Set([4002]); // token expired: reconnect only with a new token
+
+export class RelayClient {
+  /** @param {RelayClientOptions} options */
+  constructor(options) {
+    this.options = { baseDelayMs: 500, maxDelayMs: 30000, ...options };
+    /** @type {number | null} last sequence number delivered to handlers */
+    this.lastSeq = options.since ?? null;
+    /** @type {WebSocket | null} */
+    this.socket = null;
+    /** @type {Hello | null} */
+    this.hello = null;
+    this.attempt = 0;
+    this.stopped = true;
+    /** @type {Map<string, Set<Function>>} */
+    this.handlers = new Map();
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    this.retryTimer = undefined;
+    /** @type {ReturnType<typeof setInterval> | undefined} */
+    this.pingTimer = undefined;
+    this.lastFrameAt = 0;
+  }
+
+  /**
+   * Registers a handler; returns a function that removes it.
+   * @template {keyof RelayEvents} K
+   * @param {K} name
+   * @param {(payload: RelayEvents[K]) => void} handler
+   * @returns {() => void}
+   */
+  on(name, handler) {
+    let set = this.handlers.get(name);
+    if (!set) this.handlers.set(name, (set = new Set()));
+    set.add(handler);
+    return () => set.delete(handler);
+  }
+
+  /**
+   * @template {keyof RelayEvents} K
+   * @param {K} name
+   * @param {RelayEvents[K]} payload
+   */
+  emit(name, payload) {
+    for (const handler of this.handlers.get(name) ?? []) {
+      try {
+        handler(payload);
+      } catch (error) {
+        console.error(`relay: ${name} handler failed`, error);
+      }
+    }
+  }
+
+  /** Opens the connection (and keeps it open until {@link close}). */
+  connect() {
+    this.stopped = false;
+    clearTimeout(this.retryTimer);
+    void this.open();
+  }
+
+  /** Closes for good: no reconnect. */
+  close() {
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
+    clearInterval(this.pingTimer);
+    this.socket?.close(1000, "client closed");
+    this.socket = null;
+    this.emit("status", { state: "closed", attempt: 0 });
+  }
+
+  /**
+   * Narrows the connection to some chats (empty: all the token may see). Kept for reconnects.
+   * @param {string[]} chatIds
+   */
+  subscribe(chatIds) {
+    this.options.chatIds = chatIds;
+    this.send({ type: "subscribe", chat_ids: chatIds });
+  }
+
+  /** @param {object} frame */
+  send(frame) {
+    if (this.socket?.readyState === 1) this.socket.send(JSON.stringify(frame));
+  }
+
+  async open() {
+    const { url, token } = this.options;
+    this.emit("status", { state: this.attempt ? "reconnecting" : "connecting", attempt: this.attempt });
+    let jwt;
+    try {
+      jwt = typeof token === "function" ? await token() : token;
+    } catch (error) {
+      this.emit("error", { message: `token provider failed: ${error}` });
+      return this.retry();
+    }
+    if (this.stopped) return;
+    const target = new URL(url, globalThis.location?.href);
+    target.searchParams.set("token", jwt);
+    if (this.lastSeq != null) target.searchParams.set("since", String(this.lastSeq));
+    const Impl = this.options.WebSocketImpl ?? WebSocket;
+    const socket = new Impl(target.toString());
+    this.socket = socket;
+    socket.onmessage = (message) => this.receive(socket, message.data);
+    socket.onclose = (close) => {
+      if (this.socket !== socket) return;
+      clearInterval(this.pingTimer);
+      this.socket = null;
+      if (this.stopped) return;
+      if (close.code === 4001) {
+        // The stream was reset: start over without since, after a REST reload.
+        this.lastSeq = null;
+        this.emit("reload", { reason: close.reason || "stream reset" });
+      }
+      if (TERMINAL_CODES.has(close.code) && typeof token !== "function") {
+        this.stopped = true;
+        this.emit("error", { code: "token_expired", message: close.reason || "token expired" });
+        this.emit("status", { state: "closed", attempt: this.attempt, code: close.code, reason: close.reason });
+        return;
+      }
+      this.retry(close.code, close.reason);
+    };
+  }
+
+  /**
+   * @param {WebSocket} socket
+   * @param {string} data
+   */
+  receive(socket, data) {
+    if (this.socket !== socket) return;
+    this.lastFrameAt = Date.now();
+    /** @type {any} */
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    switch (frame.type) {
+      case "hello":
+        this.hello = frame;
+        this.attempt = 0;
+        if (frame.recovered === false) {
+          this.emit("reload", { reason: "history no longer reaches back to the last event seen" });
+        }
+        if (this.lastSeq == null || frame.recovered === false) this.lastSeq = frame.seq;
+        if (this.options.chatIds?.length) this.send({ type: "subscribe", chat_ids: this.options.chatIds });
+        this.keepAlive(socket, frame.heartbeat_s);
+        this.emit("hello", frame);
+        this.emit("status", { state: "open", attempt: 0 });
+        return;
+      case "pong":
+      case "subscribed":
+        return;
+      case "error":
+        this.emit("error", frame);
+        return;
+      default:
+        if (typeof frame.seq !== "number") return;
+        if (this.lastSeq != null && frame.seq <= this.lastSeq) return; // already seen
+        this.lastSeq = frame.seq;
+        this.emit("event", frame);
+        this.emit(frame.type, frame);
+    }
+  }
+
+  /**
+   * Pings at the server's heartbeat; a socket silent for two heartbeats is dropped.
+   * @param {WebSocket} socket
+   * @param {number} heartbeatS
+   */
+  keepAlive(socket, heartbeatS) {
+    clearInterval(this.pingTimer);
+    const every = Math.max(1, heartbeatS || 30) * 1000;
+    this.pingTimer = setInterval(() => {
+      if (Date.now() - this.lastFrameAt > 2 * every + 1000) {
+        socket.close(4100, "heartbeat missed");
+        return;
+      }
+      this.send({ type: "ping" });
+    }, every);
+  }
+
+  /**
+   * Schedules the next attempt: base * 2^attempt, capped, jittered between half and all of it.
+   * @param {number} [code]
+   * @param {string} [reason]
+   */
+  retry(code, reason) {
+    const { baseDelayMs, maxDelayMs } = this.options;
+    const ceiling = Math.min(maxDelayMs ?? 30000, (baseDelayMs ?? 500) * 2 ** this.attempt);
+    const delay = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
+    this.attempt += 1;
+    this.emit("status", { state: "reconnecting", attempt: this.attempt, delay_ms: delay, code, reason });
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => void this.open(), delay);
+  }
+}
