@@ -256,10 +256,32 @@ impl TestApp {
 }
 
 impl Drop for TestApp {
+    /// Stops the server and removes the test's stream and database, so repeated runs
+    /// leave nothing behind on the shared NATS and PostgreSQL.
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        let (nats_url, stream, database_url) =
+            (self.nats_url.clone(), self.stream_name.clone(), self.database_url.clone());
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                if let Ok(nats) = async_nats::connect(nats_url.as_str()).await {
+                    let _ = jetstream::new(nats).delete_stream(&stream).await;
+                }
+                drop_database(&database_url).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Drops a test database, closing whatever connections still use it.
+pub async fn drop_database(database_url: &str) {
+    let Some((_, name)) = database_url.rsplit_once('/') else { return };
+    if let Ok(mut conn) = PgConnection::connect(&admin_database_url()).await {
+        let _ = conn.execute(format!(r#"drop database if exists "{name}" with (force)"#).as_str()).await;
     }
 }
 

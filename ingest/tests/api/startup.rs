@@ -44,9 +44,18 @@ async fn health_readiness_and_metrics_answer() {
     let app = spawn_app().await;
     let health = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    // NATS connects in the background after start-up: readiness turns true shortly.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let ready = loop {
+        let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+        if ready.status() == 200 || tokio::time::Instant::now() >= deadline {
+            break ready;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(ready.status(), 200);
-    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["nats"], "ok");
+    let body = ready.json::<serde_json::Value>().await.unwrap();
+    assert_eq!((&body["database"], &body["nats"]), (&"ok".into(), &"ok".into()));
     app.post_message_expect(&crate::helpers::message_received("acc_m", "chat_m", false), "accepted").await;
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("webhooks_total"), "{metrics}");
