@@ -150,7 +150,10 @@ mod tests {
                     "data": {"message": {"text": "hi there", "is_sender": false, "sender": {"name": "Dana"}}}}),
         );
         assert!(line.trim_start().starts_with("42"), "{line}");
-        assert!(line.contains("message:new") && line.contains("acc") && line.contains("Dana: hi there"), "{line}");
+        assert!(
+            line.contains("message:new") && line.contains("acc") && line.contains("Dana: hi there"),
+            "{line}"
+        );
     }
 
     #[test]

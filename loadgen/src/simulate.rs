@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{SecondsFormat, Utc};
-use rand::{Rng, SeedableRng};
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 #[derive(Debug, clap::Args)]
@@ -165,7 +165,12 @@ fn world(accounts: usize) -> Vec<Account> {
                 })
                 .collect();
             let mut chats: Vec<Chat> = (0..4)
-                .map(|c| Chat { id: format!("{id}Chat{c}"), members: vec![c], group: None, recent: VecDeque::new() })
+                .map(|c| Chat {
+                    id: format!("{id}Chat{c}"),
+                    members: vec![c],
+                    group: None,
+                    recent: VecDeque::new(),
+                })
                 .collect();
             chats.push(Chat {
                 id: format!("{id}Group"),
@@ -243,7 +248,8 @@ fn next_delivery(world: &mut [Account], rng: &mut impl Rng) -> (Value, String) {
     let (account_id, provider) = (account.id.clone(), account.provider);
     let chat = &account.chats[c];
     let attendees: Vec<Value> = chat.members.iter().map(|&m| attendee(&account.contacts[m])).collect();
-    let title = chat.group.map(str::to_owned).unwrap_or_else(|| account.contacts[chat.members[0]].name.clone());
+    let title =
+        chat.group.map(str::to_owned).unwrap_or_else(|| account.contacts[chat.members[0]].name.clone());
     let base = json!({
         "account_id": account_id,
         "account_type": provider,
@@ -293,8 +299,7 @@ fn next_delivery(world: &mut [Account], rng: &mut impl Rng) -> (Value, String) {
                 .collect();
             let index = *candidates.choose(rng).expect("checked above");
             let target = &chat.recent[index];
-            let author =
-                if target.is_sender { &account.owner } else { &account.contacts[target.sender] };
+            let author = if target.is_sender { &account.owner } else { &account.contacts[target.sender] };
             let mut body = base;
             body["message_id"] = target.id.clone().into();
             body["sender"] = attendee(author);
@@ -304,11 +309,8 @@ fn next_delivery(world: &mut [Account], rng: &mut impl Rng) -> (Value, String) {
                 Action::Reaction => {
                     let emoji = *REACTIONS.choose(rng).expect("non-empty");
                     // The other side reacts to the user's messages, the user to theirs.
-                    let reactor = if target.is_sender {
-                        &account.contacts[chat.members[0]]
-                    } else {
-                        &account.owner
-                    };
+                    let reactor =
+                        if target.is_sender { &account.contacts[chat.members[0]] } else { &account.owner };
                     body["event"] = "message_reaction".into();
                     body["message"] = target.text.clone().into();
                     body["reaction"] = emoji.into();
@@ -421,7 +423,8 @@ mod tests {
             }
             events.insert(body["event"].as_str().unwrap().to_owned());
         }
-        let expected = ["message_deleted", "message_edited", "message_reaction", "message_read", "message_received"];
+        let expected =
+            ["message_deleted", "message_edited", "message_reaction", "message_read", "message_received"];
         assert_eq!(events.into_iter().collect::<Vec<_>>(), expected);
     }
 
