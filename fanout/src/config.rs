@@ -4,6 +4,7 @@
 //! documents the whole surface. `JWT_SECRET` has no default: the process refuses to
 //! start without it and says which variable is missing.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,17 +14,46 @@ use shared::config::{NatsArgs, TelemetryArgs, parse_secret};
 
 /// `fanout` with no subcommand serves; `fanout token` mints a token for trying it out.
 #[derive(Debug, Parser)]
-#[command(
-    name = "fanout",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "fanout", version, about)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub serve: Option<Config>,
+    pub command: Command,
+}
+
+impl Cli {
+    /// Parses the arguments, reading a missing subcommand as `serve`, so plain
+    /// `fanout` (or `fanout --listen ..`) serves. Exits with clap's message on error.
+    pub fn parse_with_default<I, T>(args: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        Self::parse_from(with_default_subcommand(args))
+    }
+
+    /// Like [`Cli::parse_with_default`], returning the error instead of exiting.
+    pub fn try_parse_with_default<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        Self::try_parse_from(with_default_subcommand(args))
+    }
+}
+
+fn with_default_subcommand<I, T>(args: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let explicit = args.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
+        matches!(a, "serve" | "token" | "tail" | "help" | "-h" | "--help" | "-V" | "--version")
+    });
+    if !explicit {
+        args.insert(1.min(args.len()), OsString::from("serve"));
+    }
+    args
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,21 +149,23 @@ mod tests {
 
     #[test]
     fn plain_fanout_with_flags_means_serve() {
-        let cli = Cli::try_parse_from(["fanout", "--jwt-secret", "s", "--listen", "127.0.0.1:9"])
-            .unwrap();
-        assert!(cli.command.is_none());
-        assert_eq!(cli.serve.unwrap().listen.port(), 9);
+        let cli =
+            Cli::try_parse_with_default(["fanout", "--jwt-secret", "s", "--listen", "127.0.0.1:9"]).unwrap();
+        let Command::Serve(config) = cli.command else { panic!("expected serve") };
+        assert_eq!(config.listen.port(), 9);
     }
 
     #[test]
-    fn serve_subcommand_is_accepted() {
-        let cli = Cli::try_parse_from(["fanout", "serve", "--jwt-secret", "s"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Serve(_))));
+    fn the_token_subcommand_is_not_mistaken_for_serve() {
+        let cli = Cli::try_parse_with_default(["fanout", "token", "--jwt-secret", "s", "--accounts", "a,b"])
+            .unwrap();
+        let Command::Token(args) = cli.command else { panic!("expected token") };
+        assert_eq!(args.accounts, vec!["a", "b"]);
     }
 
     #[test]
     fn an_empty_jwt_secret_is_refused_naming_the_variable() {
-        let err = Cli::try_parse_from(["fanout", "serve", "--jwt-secret", " "]).unwrap_err();
+        let err = Cli::try_parse_with_default(["fanout", "serve", "--jwt-secret", " "]).unwrap_err();
         assert!(err.to_string().contains("JWT_SECRET"), "{err}");
     }
 }

@@ -25,7 +25,7 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
     let following = state.follower.is_ready();
-    let stopping = state.shutdown.is_cancelled();
+    let stopping = state.ctx.shutdown.is_cancelled();
     let ready = nats && following && !stopping;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
@@ -34,7 +34,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "following": following,
         "stopping": stopping,
         "connections": state.slots.used(),
-        "seq": state.hub.head(),
+        "seq": state.ctx.hub.head(),
     });
     (status, Json(body))
 }

@@ -65,7 +65,7 @@ impl Connection {
         backlog: Option<Vec<SharedEvent>>,
         rx: &mut mpsc::Receiver<SharedEvent>,
     ) -> Result<(), End> {
-        let heartbeat = self.state.limits.heartbeat;
+        let heartbeat = self.ctx.limits.heartbeat;
         if let Some(events) = backlog {
             metrics::resume("memory");
             self.send_json(hello(head, heartbeat, Some(true))).await?;
@@ -73,7 +73,7 @@ impl Connection {
             self.send_events(&events).await?;
             self.covered = head;
         } else {
-            let bounds = match self.state.history.bounds().await {
+            let bounds = match self.ctx.history.bounds().await {
                 Ok(bounds) => bounds,
                 Err(error) => {
                     tracing::warn!(error = %error, since, "resume: cannot read stream bounds");
@@ -97,12 +97,12 @@ impl Connection {
             }
         }
         let mut rounds = 0;
-        while !self.state.hub.finish_catch_up(&self.shared) {
+        while !self.ctx.hub.finish_catch_up(&self.shared) {
             rounds += 1;
             if rounds > MAX_CATCH_UP_ROUNDS {
                 return Err(End::Close(Close::SLOW_CONSUMER));
             }
-            let (head, backlog) = self.state.hub.rearm(rx, &self.shared, &self.scope, self.covered);
+            let (head, backlog) = self.ctx.hub.rearm(rx, &self.shared, &self.scope, self.covered);
             tracing::debug!(
                 rounds,
                 covered = self.covered,
@@ -124,7 +124,7 @@ impl Connection {
         if to <= self.covered {
             return Ok(());
         }
-        let history = self.state.history.clone();
+        let history = self.ctx.history.clone();
         let from = self.covered + 1;
         let filter = match self.scope.single_account() {
             Some(account) => history.subjects.account(account),
@@ -164,7 +164,7 @@ impl Connection {
             Ok(messages) => messages,
             Err(error) => return Err(self.history_failed(&error.to_string())),
         };
-        let subjects = self.state.history.subjects.clone();
+        let subjects = self.ctx.history.subjects.clone();
         let mut batch: Vec<SharedEvent> = Vec::with_capacity(HISTORY_BATCH);
         loop {
             let message = match tokio::time::timeout(HISTORY_TIMEOUT, messages.next()).await {

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::follower::{Follower, FollowerStatus};
 use crate::hub::Hub;
 use crate::resume::History;
-use crate::state::{AppState, Limits, Slots};
+use crate::state::{AppState, ConnectionContext, Limits, Slots};
 use crate::{health, page, ws};
 
 /// Pending connections the listener queues while the server accepts.
@@ -53,8 +53,7 @@ impl Application {
             status: status.clone(),
             heartbeat: config.follow_heartbeat(),
         };
-        let state = AppState {
-            keys: JwtKeys::new(&config.jwt_secret),
+        let ctx = ConnectionContext {
             hub,
             history: History {
                 js,
@@ -67,18 +66,17 @@ impl Application {
                 max_client_message: config.max_client_message,
                 hard_client_message: config.max_client_message.saturating_mul(16).max(1024),
             },
-            slots: Slots::new(config.max_connections),
             shutdown: CancellationToken::new(),
+        };
+        let state = AppState {
+            keys: Arc::new(JwtKeys::new(&config.jwt_secret)),
+            ctx: Arc::new(ctx),
+            slots: Slots::new(config.max_connections),
             tracker: TaskTracker::new(),
             follower: status,
             nats: client,
         };
-        Ok(Self {
-            listener,
-            state,
-            follower,
-            shutdown_grace: config.shutdown_grace(),
-        })
+        Ok(Self { listener, state, follower, shutdown_grace: config.shutdown_grace() })
     }
 
     pub fn port(&self) -> u16 {
@@ -92,14 +90,9 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Self {
-            listener,
-            state,
-            follower,
-            shutdown_grace,
-        } = self;
+        let Self { listener, state, follower, shutdown_grace } = self;
         let app = router(state.clone());
-        let cancel = state.shutdown.clone();
+        let cancel = state.ctx.shutdown.clone();
         let stop = cancel.clone();
         let server = tokio::spawn(
             async move {
@@ -139,22 +132,13 @@ impl Application {
             result = upkeep => Err(anyhow::anyhow!("metrics upkeep task stopped: {result:?}")),
         };
         if let Err(error) = &outcome {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "a long-lived task died; stopping"
-            );
+            tracing::error!(error = format!("{error:#}"), "a long-lived task died; stopping");
         }
         // Sockets close with 1012 so clients reconnect to another replica.
         cancel.cancel();
         state.tracker.close();
-        if tokio::time::timeout(shutdown_grace, state.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = state.slots.used(),
-                "connections still open after the grace period"
-            );
+        if tokio::time::timeout(shutdown_grace, state.tracker.wait()).await.is_err() {
+            tracing::warn!(open = state.slots.used(), "connections still open after the grace period");
         }
         tracing::info!("fanout stopped");
         outcome
@@ -162,18 +146,10 @@ impl Application {
 }
 
 fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr)
-        .with_context(|| format!("binding {addr}"))?;
-    socket
-        .listen(LISTEN_BACKLOG)
-        .with_context(|| format!("listening on {addr}"))
+    socket.bind(addr).with_context(|| format!("binding {addr}"))?;
+    socket.listen(LISTEN_BACKLOG).with_context(|| format!("listening on {addr}"))
 }
 
 /// Every route with tracing.

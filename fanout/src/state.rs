@@ -15,23 +15,30 @@ use crate::resume::History;
 #[derive(Clone)]
 pub struct AppState {
     /// Verifies client tokens on upgrade.
-    pub keys: JwtKeys,
-    /// Who is connected and the latest events; the follower feeds it.
-    pub hub: Arc<Hub>,
-    /// Reads JetStream for resumes reaching past the hub's window.
-    pub history: History,
-    /// Per-connection socket and protocol limits.
-    pub limits: Limits,
+    pub keys: Arc<JwtKeys>,
+    /// What connection tasks use (hub, history, limits, shutdown).
+    pub ctx: Arc<ConnectionContext>,
     /// Connection slots of this replica, so one replica never takes more than it can hold.
     pub slots: Arc<Slots>,
-    /// Cancelled on shutdown: every socket closes with 1012.
-    pub shutdown: CancellationToken,
     /// Counts connection tasks so shutdown waits for their close frames.
     pub tracker: TaskTracker,
     /// Whether the follower is following, for `/readyz`.
     pub follower: Arc<FollowerStatus>,
     /// The NATS connection, for `/readyz`.
     pub nats: async_nats::Client,
+}
+
+/// What every connection task needs, behind one `Arc` so that each of thousands of
+/// idle connections holds a pointer rather than copies.
+pub struct ConnectionContext {
+    /// Who is connected and the latest events; the follower feeds it.
+    pub hub: Arc<Hub>,
+    /// Reads JetStream for resumes reaching past the hub's window.
+    pub history: History,
+    /// Per-connection socket and protocol limits.
+    pub limits: Limits,
+    /// Cancelled on shutdown: every socket closes with 1012.
+    pub shutdown: CancellationToken,
 }
 
 /// Per-connection limits, from the configuration.

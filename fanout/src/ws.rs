@@ -35,7 +35,7 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::hub::{ConnShared, Kick, Registration, Scope, SharedEvent};
 use crate::metrics;
-use crate::state::AppState;
+use crate::state::{AppState, ConnectionContext};
 
 /// Most events written per flush.
 const BATCH: usize = 64;
@@ -67,12 +67,13 @@ async fn upgrade(
     let Query(params) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let claims = auth::authenticate(&state.keys, &headers, params.token.as_deref())?;
     let ws = ws?;
-    if state.hub.head().is_none() || state.shutdown.is_cancelled() {
+    let ctx = state.ctx.clone();
+    if ctx.hub.head().is_none() || ctx.shutdown.is_cancelled() {
         return Err(ApiError::NotReady);
     }
     let slot = state.slots.try_acquire().ok_or(ApiError::TooManyConnections)?;
     let task = state.tracker.token();
-    let limits = state.limits;
+    let limits = ctx.limits;
     let since = params.since;
     Ok(ws
         .read_buffer_size(1024)
@@ -82,7 +83,7 @@ async fn upgrade(
         .on_upgrade(move |socket| async move {
             let _slot = slot;
             let _task = task;
-            serve(state, socket, claims, since).await;
+            serve(ctx, socket, claims, since).await;
         }))
 }
 
@@ -140,7 +141,8 @@ enum ClientFrame {
 
 /// One WebSocket connection after the upgrade.
 pub struct Connection {
-    pub(crate) state: AppState,
+    /// Shared by every connection: one pointer each.
+    pub(crate) ctx: Arc<ConnectionContext>,
     pub(crate) socket: WebSocket,
     pub(crate) shared: Arc<ConnShared>,
     pub(crate) scope: Scope,
@@ -152,9 +154,9 @@ pub struct Connection {
     last_heard: Instant,
 }
 
-async fn serve(state: AppState, socket: WebSocket, claims: Claims, since: Option<u64>) {
+async fn serve(ctx: Arc<ConnectionContext>, socket: WebSocket, claims: Claims, since: Option<u64>) {
     let scope = Scope::from_claims(&claims);
-    let Some(registration) = state.hub.register(scope.clone(), since) else {
+    let Some(registration) = ctx.hub.register(scope.clone(), since) else {
         let mut socket = socket;
         let _ = send_close(&mut socket, Close::NOT_READY).await;
         return;
@@ -162,7 +164,7 @@ async fn serve(state: AppState, socket: WebSocket, claims: Claims, since: Option
     let expires_at = Instant::now()
         + Duration::from_secs(u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0));
     let mut conn = Connection {
-        state,
+        ctx,
         socket,
         shared: registration.shared.clone(),
         scope,
@@ -177,7 +179,7 @@ async fn serve(state: AppState, socket: WebSocket, claims: Claims, since: Option
         End::Close(close) => {
             tracing::debug!(%sub, code = close.code, reason = close.reason, "closing connection");
             metrics::closed(close.label);
-            let _ = send_close(&mut conn.socket, close).await;
+            let _ = Box::pin(send_close(&mut conn.socket, close)).await;
         }
         End::Gone(why) => {
             tracing::debug!(%sub, why, "connection gone");
@@ -201,7 +203,7 @@ impl Connection {
         let caught_up = match since {
             None => {
                 self.covered = head;
-                self.send_json(hello(head, self.state.limits.heartbeat, None)).await
+                Box::pin(self.send_json(hello(head, self.ctx.limits.heartbeat, None))).await
             }
             // Boxed: the resume future is large and only lives during catch-up.
             Some(since) => Box::pin(self.resume(since, head, backlog, &mut rx)).await,
@@ -209,7 +211,7 @@ impl Connection {
         if let Err(end) = caught_up {
             return end;
         }
-        let heartbeat = self.state.limits.heartbeat;
+        let heartbeat = self.ctx.limits.heartbeat;
         let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let expiry = tokio::time::sleep_until(expires_at);
         tokio::pin!(expiry);
@@ -217,14 +219,16 @@ impl Connection {
         loop {
             tokio::select! {
                 biased;
-                _ = self.state.shutdown.cancelled() => return End::Close(Close::SHUTDOWN),
+                _ = self.ctx.shutdown.cancelled() => return End::Close(Close::SHUTDOWN),
                 kick = self.shared.kicked() => return End::Close(kick.into()),
                 received = rx.recv_many(&mut batch, BATCH) => {
                     if received == 0 {
                         let kick = self.shared.kick_reason().unwrap_or(Kick::SlowConsumer);
                         return End::Close(kick.into());
                     }
-                    let result = self.send_events(&batch).await;
+                    // Boxed, like every write below: the connection future stays small
+                    // while idle, which is what 15k idle connections cost.
+                    let result = Box::pin(self.send_events(&batch)).await;
                     batch.clear();
                     if let Err(end) = result {
                         return end;
@@ -232,7 +236,7 @@ impl Connection {
                 }
                 message = self.socket.next() => {
                     self.last_heard = Instant::now();
-                    if let Err(end) = self.on_client_message(message).await {
+                    if let Err(end) = Box::pin(self.on_client_message(message)).await {
                         return end;
                     }
                 }
@@ -241,8 +245,8 @@ impl Connection {
                         return End::Gone("dead_peer");
                     }
                     let ping = self.socket.send(Message::Ping(Default::default()));
-                    let limits = &self.state.limits;
-                    if let Err(end) = guarded_with(limits.write_timeout, &self.shared, &self.state.shutdown, ping).await {
+                    let write = guarded_with(self.ctx.limits.write_timeout, &self.shared, &self.ctx.shutdown, ping);
+                    if let Err(end) = Box::pin(write).await {
                         return end;
                     }
                 }
@@ -253,7 +257,7 @@ impl Connection {
 
     pub(crate) async fn send_json(&mut self, value: serde_json::Value) -> Result<(), End> {
         let write = self.socket.send(Message::Text(Utf8Bytes::from(value.to_string())));
-        guarded_with(self.state.limits.write_timeout, &self.shared, &self.state.shutdown, write).await
+        guarded_with(self.ctx.limits.write_timeout, &self.shared, &self.ctx.shutdown, write).await
     }
 
     /// Writes the events this client wants that are newer than `covered`, in one flush.
@@ -287,7 +291,7 @@ impl Connection {
             }
             Ok(())
         };
-        guarded_with(self.state.limits.write_timeout, &self.shared, &self.state.shutdown, write).await
+        guarded_with(self.ctx.limits.write_timeout, &self.shared, &self.ctx.shutdown, write).await
     }
 
     async fn on_client_message(&mut self, message: Option<Result<Message, axum::Error>>) -> Result<(), End> {
@@ -306,7 +310,7 @@ impl Connection {
         };
         match message {
             Message::Text(text) => {
-                if text.len() > self.state.limits.max_client_message {
+                if text.len() > self.ctx.limits.max_client_message {
                     return self.reject("too_large", "message over the size limit").await;
                 }
                 match serde_json::from_str::<ClientFrame>(text.as_str()) {

@@ -1,0 +1,169 @@
+//! `loadgen broadcast`: events published straight to NATS, fanned out by one fanout
+//! replica to many WebSocket clients; reports events/s in, frames/s out and delivery
+//! latency percentiles across all clients.
+//!
+//! Each event carries its publish time in microseconds (`data.t_us`); every client
+//! records `receive time - t_us` in one shared HDR histogram. Bounded: at most 600
+//! seconds of publishing, 100,000 connections, loopback targets only.
+//!
+//! ```text
+//! loadgen broadcast --connections 10000 --rate 10 --duration 30 \
+//!   --nats-url nats://127.0.0.1:4222 --subject-prefix relay.events
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::json;
+use shared::envelope::{Envelope, EventType};
+use shared::subjects::Subjects;
+
+use crate::idle::{Counters, Target, connect_many};
+use crate::report;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    target: Target,
+    /// NATS server the relay's stream lives on.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Subject prefix of the relay (events go to `{prefix}.{account}.{chat}.{type}`).
+    #[arg(long, env = "SUBJECT_PREFIX", default_value = "relay.events")]
+    subject_prefix: String,
+    /// Account the published events belong to.
+    #[arg(long, default_value = "acc_loadgen")]
+    account: String,
+    /// Events published per second.
+    #[arg(long, default_value_t = 10)]
+    rate: u64,
+    /// Seconds of publishing (at most 600).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Padding added to each event's data, in bytes.
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// Seconds to wait for the last deliveries after publishing ends.
+    #[arg(long, default_value_t = 10)]
+    drain: u64,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// The publish time an event frame carries, without parsing the whole frame.
+fn sent_us(text: &str) -> Option<u64> {
+    let start = text.find("\"t_us\":")? + "\"t_us\":".len();
+    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
+    text[start..start + digits].parse().ok()
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let subjects = Subjects::new(args.subject_prefix.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let duration = args.duration.min(600);
+    let total = args.rate * duration;
+    let latencies = Arc::new(Mutex::new(report::latency_histogram()));
+    let counters = Arc::new(Counters::default());
+    let last_frame = Arc::new(AtomicU64::new(0));
+    let on_text = {
+        let (latencies, last_frame) = (latencies.clone(), last_frame.clone());
+        move |text: &str| {
+            if let Some(sent) = sent_us(text) {
+                let now = now_us();
+                last_frame.fetch_max(now, Ordering::Relaxed);
+                let mut h = latencies.lock().unwrap_or_else(|p| p.into_inner());
+                report::record(&mut h, Duration::from_micros(now.saturating_sub(sent)));
+            }
+        }
+    };
+    let started = Instant::now();
+    let (opened, failures) = connect_many(&args.target, counters.clone(), on_text).await?;
+    println!(
+        "loadgen broadcast: {} connections open ({} failed) in {:.1}s",
+        opened.len(),
+        failures,
+        started.elapsed().as_secs_f64()
+    );
+
+    let client = async_nats::connect(args.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
+    let js = async_nats::jetstream::new(client);
+    let subject = subjects.event(&args.account, Some("chat_loadgen"), EventType::MessageNew);
+    let padding = "x".repeat(args.payload_bytes);
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let failed_publishes = Arc::new(AtomicU64::new(0));
+    let mut acks = tokio::task::JoinSet::new();
+    let frames_before = counters.frames.load(Ordering::Relaxed);
+    println!("publishing {total} events at {}/s to {subject}", args.rate);
+    let start = Instant::now();
+    let start_us = now_us();
+    for i in 0..total {
+        tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
+        let data = json!({"t_us": now_us(), "i": i, "pad": padding});
+        let envelope = Envelope::new(
+            EventType::MessageNew,
+            &args.account,
+            Some("chat_loadgen".into()),
+            chrono::Utc::now(),
+            data,
+        );
+        match js.publish(subject.clone(), envelope.to_bytes().into()).await {
+            Ok(ack) => {
+                let failed = failed_publishes.clone();
+                acks.spawn(async move {
+                    if ack.await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            Err(_) => {
+                failed_publishes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let publish_time = start.elapsed();
+    while acks.join_next().await.is_some() {}
+
+    let expected = total * opened.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(args.drain);
+    while counters.frames.load(Ordering::Relaxed) - frames_before < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let frames = counters.frames.load(Ordering::Relaxed) - frames_before;
+    let span =
+        Duration::from_micros(last_frame.load(Ordering::Relaxed).saturating_sub(start_us)).max(publish_time);
+    let h = latencies.lock().unwrap_or_else(|p| p.into_inner());
+    println!(
+        "events in: {total} in {:.2}s ({:.0}/s), {} publish failures",
+        publish_time.as_secs_f64(),
+        total as f64 / publish_time.as_secs_f64().max(1e-9),
+        failed_publishes.load(Ordering::Relaxed)
+    );
+    println!(
+        "frames out: {frames}/{expected} ({:.3}% delivered) in {:.2}s = {:.0} frames/s",
+        100.0 * frames as f64 / expected.max(1) as f64,
+        span.as_secs_f64(),
+        frames as f64 / span.as_secs_f64().max(1e-9)
+    );
+    println!("delivery latency: {}", report::percentiles(&h));
+    println!("connections closed by the server: {}", counters.closed.load(Ordering::Relaxed));
+    for conn in &opened {
+        conn.reader.abort();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_publish_time_is_read_from_the_frame() {
+        assert_eq!(sent_us(r#"{"seq":1,"data":{"t_us":1234,"i":0}}"#), Some(1234));
+        assert_eq!(sent_us(r#"{"type":"pong"}"#), None);
+    }
+}
