@@ -1,0 +1,405 @@
+//! The pieces a browser test stands on: real ingest and fanout in this process (fresh
+//! database, private stream and subject prefix), and headless Chromium driven through
+//! chromedriver with fantoccini.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use fantoccini::{Client, ClientBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use shared::claims::JwtKeys;
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
+pub const JWT_SECRET: &str = "e2e-jwt-secret";
+
+/// Chromium's flags for a headless run on a shared CI machine.
+const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,800",
+];
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+async fn create_database() -> (String, String) {
+    let admin = admin_database_url();
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL must be running at {admin} (set DATABASE_URL): {e}"));
+    let name = format!("test_e2e_{}", Uuid::new_v4().simple());
+    conn.execute(format!(r#"create database "{name}""#).as_str()).await.expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database name");
+    (format!("{base}/{name}"), name)
+}
+
+/// A server running in this process until [`Server::stop`].
+struct Server {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    fn spawn<F>(run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel();
+        Self { stop: Some(stop), task: Some(tokio::spawn(run(stopped))) }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+#[derive(Parser)]
+struct IngestArgs {
+    #[command(flatten)]
+    config: ingest::config::ServeConfig,
+}
+
+#[derive(Parser)]
+struct FanoutArgs {
+    #[command(flatten)]
+    config: fanout::Config,
+}
+
+/// ingest and fanout, wired to one private stream.
+pub struct Relay {
+    pub ingest_url: String,
+    pub fanout_port: u16,
+    pub jwt: JwtKeys,
+    stream_name: String,
+    prefix: String,
+    database: String,
+    ingest: Server,
+    fanout: Server,
+    client: reqwest::Client,
+}
+
+impl Relay {
+    pub async fn start() -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let stream_name = format!("E2E_{id}");
+        let prefix = format!("e2e{id}.events");
+        // fanout first: ingest's CORS must allow the page's origin.
+        let (fanout, fanout_port) = start_fanout(0, &stream_name, &prefix).await;
+        let (database_url, database) = create_database().await;
+        let args = [
+            "ingest".to_owned(),
+            "--listen=127.0.0.1:0".to_owned(),
+            format!("--webhook-secret={WEBHOOK_SECRET}"),
+            format!("--jwt-secret={JWT_SECRET}"),
+            format!("--database-url={database_url}"),
+            format!("--nats-url={}", nats_url()),
+            format!("--stream-name={stream_name}"),
+            format!("--subject-prefix={prefix}"),
+            format!("--cors-origins=http://127.0.0.1:{fanout_port}"),
+            "--outbox-sweep-ms=200".to_owned(),
+        ];
+        let config = IngestArgs::try_parse_from(args).expect("ingest test configuration parses").config;
+        let app = ingest::startup::Application::build(config).await.expect("ingest builds");
+        let ingest_url = format!("http://127.0.0.1:{}", app.port());
+        let ingest = Server::spawn(|stopped| {
+            app.run_until_stopped(async move {
+                let _ = stopped.await;
+            })
+        });
+        let relay = Self {
+            ingest_url,
+            fanout_port,
+            jwt: JwtKeys::new(&SecretString::from(JWT_SECRET)),
+            stream_name,
+            prefix,
+            database,
+            ingest,
+            fanout,
+            client: reqwest::Client::new(),
+        };
+        relay.wait_ready(&format!("{}/readyz", relay.ingest_url)).await;
+        relay.wait_ready(&format!("{}/readyz", relay.fanout_url())).await;
+        relay
+    }
+
+    pub fn fanout_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.fanout_port)
+    }
+
+    pub fn token(&self) -> String {
+        self.jwt.issue("e2e", vec!["*".into()], Duration::from_secs(600))
+    }
+
+    async fn wait_ready(&self, url: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(url).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{url} not ready within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops fanout: every socket is closed (1012) and nothing listens on its port.
+    pub async fn stop_fanout(&mut self) {
+        self.fanout.stop().await;
+    }
+
+    /// Starts a new fanout on the same port, as a restarted replica would be.
+    pub async fn restart_fanout(&mut self) {
+        let (fanout, port) = start_fanout(self.fanout_port, &self.stream_name, &self.prefix).await;
+        assert_eq!(port, self.fanout_port);
+        self.fanout = fanout;
+        self.wait_ready(&format!("{}/readyz", self.fanout_url())).await;
+    }
+
+    /// Posts a `message_received` webhook; asserts ingest accepted it.
+    pub async fn post_message(&self, account: &str, chat: &str, text: &str) {
+        let body = json!({
+            "event": "message_received",
+            "account_id": account,
+            "account_type": "WHATSAPP",
+            "account_info": {"type": "WHATSAPP", "phone_number": "+14155550123"},
+            "webhook_name": "relay-messaging",
+            "chat_id": chat,
+            "attendees": [{"attendee_id": format!("{chat}-att"), "attendee_name": format!("Contact {chat}"),
+                           "attendee_provider_id": "15105550199@s.whatsapp.net", "attendee_profile_url": null}],
+            "sender": {"attendee_id": format!("{chat}-att"), "attendee_name": format!("Contact {chat}"),
+                       "attendee_provider_id": "15105550199@s.whatsapp.net", "attendee_profile_url": null},
+            "message": text,
+            "message_id": format!("msg{}", Uuid::new_v4().simple()),
+            "timestamp": chrono_now(),
+            "attachments": [],
+            "is_sender": false,
+            "is_group": false,
+        });
+        let response = self
+            .client
+            .post(format!("{}/api/webhooks/unipile/messages", self.ingest_url))
+            .header("Unipile-Auth", WEBHOOK_SECRET)
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("ingest answers");
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!((status.as_u16(), answer["status"].as_str()), (200, Some("accepted")), "{answer}");
+    }
+
+    pub async fn shutdown(mut self) {
+        self.fanout.stop().await;
+        self.ingest.stop().await;
+        if let Ok(client) = async_nats_connect().await {
+            let _ = async_nats::jetstream::new(client).delete_stream(&self.stream_name).await;
+        }
+        if let Ok(mut conn) = PgConnection::connect(&admin_database_url()).await {
+            let _ = conn
+                .execute(format!(r#"drop database if exists "{}" with (force)"#, self.database).as_str())
+                .await;
+        }
+    }
+}
+
+async fn async_nats_connect() -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::connect(nats_url()).await
+}
+
+fn chrono_now() -> String {
+    // RFC 3339 with milliseconds, like Unipile.
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+async fn start_fanout(port: u16, stream_name: &str, prefix: &str) -> (Server, u16) {
+    let args = [
+        "fanout".to_owned(),
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--jwt-secret={JWT_SECRET}"),
+        format!("--nats-url={}", nats_url()),
+        format!("--stream-name={stream_name}"),
+        format!("--subject-prefix={prefix}"),
+        "--shutdown-grace-secs=1".to_owned(),
+    ];
+    let config = FanoutArgs::try_parse_from(args).expect("fanout test configuration parses").config;
+    // A just-closed listener may take a moment to release its port.
+    let mut tries = 0;
+    let app = loop {
+        match fanout::Application::build(config.clone()).await {
+            Ok(app) => break app,
+            Err(_) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("fanout builds on port {port}: {error:#}"),
+        }
+    };
+    let port = app.port();
+    let server = Server::spawn(|stopped| {
+        app.run_until_stopped(async move {
+            let _ = stopped.await;
+        })
+    });
+    (server, port)
+}
+
+fn find_program(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    names.iter().find_map(|name| {
+        std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
+    })
+}
+
+/// chromedriver on a free port, with headless Chromium behind it.
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+    profile: PathBuf,
+}
+
+impl Browser {
+    pub async fn start() -> Self {
+        let chromium = std::env::var_os("CHROMIUM_BIN")
+            .map(PathBuf::from)
+            .or_else(|| find_program(&["chromium", "chromium-browser", "google-chrome"]));
+        let chromium = chromium.unwrap_or_else(|| {
+            panic!(
+                "Chromium is not installed: the browser test needs it. \
+                 Install it with `apt-get install -y chromium chromium-driver` (or set CHROMIUM_BIN)."
+            )
+        });
+        let chromedriver = std::env::var_os("CHROMEDRIVER_BIN")
+            .map(PathBuf::from)
+            .or_else(|| find_program(&["chromedriver"]));
+        let chromedriver = chromedriver.unwrap_or_else(|| {
+            panic!(
+                "chromedriver is not installed: the browser test needs it. \
+                 Install it with `apt-get install -y chromium-driver` (or set CHROMEDRIVER_BIN)."
+            )
+        });
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = Command::new(&chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", chromedriver.display()));
+        let profile = std::env::temp_dir().join(format!("e2e-chromium-{}", Uuid::new_v4().simple()));
+        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| (*f).to_owned()).collect();
+        args.push(format!("--user-data-dir={}", profile.display()));
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": chromium.display().to_string(), "args": args}),
+        );
+        // chromedriver speaks plain HTTP on loopback: no TLS stack needed.
+        let mut builder = ClientBuilder::new(HttpConnector::new());
+        builder.capabilities(capabilities);
+        let webdriver = format!("http://127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let client = loop {
+            match builder.connect(&webdriver).await {
+                Ok(client) => break client,
+                Err(error) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no Chromium session through {} ({}): {error}",
+                        chromedriver.display(),
+                        chromium.display()
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        Self { client, driver, profile }
+    }
+
+    /// Evaluates `expression` in the page until it is truthy; fails with what the page
+    /// shows after `timeout`.
+    pub async fn wait_until(&self, what: &str, expression: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let script = format!("return Boolean({expression});");
+        loop {
+            let ok = self.client.execute(&script, vec![]).await.map(|v| v == Value::Bool(true));
+            if matches!(ok, Ok(true)) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let page = self.text().await;
+                self.screenshot("failure").await;
+                panic!("timed out waiting until {what} ({expression}); page shows:\n{page}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Evaluates an expression and returns its value.
+    pub async fn eval(&self, expression: &str) -> Value {
+        self.client.execute(&format!("return ({expression});"), vec![]).await.expect("script runs")
+    }
+
+    pub async fn text(&self) -> String {
+        let status = self.eval("document.getElementById('status')?.textContent").await;
+        let body = self.eval("document.body ? document.body.innerText : ''").await;
+        format!("status: {status}\n{}", body.as_str().unwrap_or_default())
+    }
+
+    /// Saves a screenshot beside the build output, for whoever debugs a failure.
+    pub async fn screenshot(&self, name: &str) -> Option<PathBuf> {
+        let png = self.client.screenshot().await.ok()?;
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e");
+        std::fs::create_dir_all(&dir).ok()?;
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).ok()?;
+        Some(path)
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+    }
+}

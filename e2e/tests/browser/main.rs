@@ -1,0 +1,104 @@
+//! The live inbox page in headless Chromium against real ingest and fanout.
+//!
+//! Needs PostgreSQL and NATS (like every integration test here) and Chromium with
+//! chromedriver (`apt-get install -y chromium chromium-driver`); without them the test
+//! fails and says what is missing. Screenshots land in `target/e2e/`.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{Browser, Relay};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn chat_selector(chat: &str) -> String {
+    format!("document.querySelector('#chats li[data-chat-id=\"{chat}\"]')")
+}
+
+fn badge(chat: &str) -> String {
+    format!("{}?.querySelector('.badge')?.textContent", chat_selector(chat))
+}
+
+fn messages_show(text: &str) -> String {
+    format!("document.getElementById('messages').innerText.includes({text:?})")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_page_shows_messages_live_and_resumes_after_losing_its_socket() {
+    let mut relay = Relay::start().await;
+    let (account, chat_a, chat_b) = ("accE2e", "chatA", "chatB");
+    relay.post_message(account, chat_a, "Hi, are we still on for Thursday?").await;
+    relay.post_message(account, chat_b, "Sharing the deck here").await;
+
+    let browser = Browser::start().await;
+    let page =
+        format!("{}/?api={}&token={}&chat={chat_a}", relay.fanout_url(), relay.ingest_url, relay.token());
+    browser.client.goto(&page).await.expect("the page loads");
+
+    // History through the REST API, the list with unread badges, the socket open.
+    browser
+        .wait_until("the socket is open", "document.getElementById('status').dataset.state === 'open'", WAIT)
+        .await;
+    browser
+        .wait_until("chat A's history shows", &messages_show("Hi, are we still on for Thursday?"), WAIT)
+        .await;
+    browser.wait_until("chat A has one unread", &format!("{} === '1'", badge(chat_a)), WAIT).await;
+    browser.wait_until("chat B is listed", &format!("{} === '1'", badge(chat_b)), WAIT).await;
+
+    // A webhook arrives: the open chat appends it and its badge counts it.
+    relay.post_message(account, chat_a, "Running 5 minutes late").await;
+    browser.wait_until("the new message appears live", &messages_show("Running 5 minutes late"), WAIT).await;
+    browser.wait_until("chat A's badge goes to 2", &format!("{} === '2'", badge(chat_a)), WAIT).await;
+    // The most recently active chat is listed first.
+    browser
+        .wait_until(
+            "chat A moves to the top",
+            &format!("document.querySelector('#chats li')?.dataset.chatId === '{chat_a}'"),
+            WAIT,
+        )
+        .await;
+    relay.post_message(account, chat_b, "Any news?").await;
+    browser.wait_until("chat B's badge goes to 2", &format!("{} === '2'", badge(chat_b)), WAIT).await;
+    browser
+        .wait_until(
+            "chat B moves to the top",
+            &format!("document.querySelector('#chats li')?.dataset.chatId === '{chat_b}'"),
+            WAIT,
+        )
+        .await;
+    assert!(
+        !browser.eval(&messages_show("Any news?")).await.as_bool().unwrap_or(true),
+        "chat B's message must not show in chat A"
+    );
+    browser.screenshot("live").await;
+
+    // The socket dies (fanout restarts); a message arrives meanwhile; the page resumes
+    // with `since` and shows it without reloading.
+    relay.stop_fanout().await;
+    browser
+        .wait_until(
+            "the page notices and reconnects",
+            "document.getElementById('status').dataset.state === 'reconnecting'",
+            WAIT,
+        )
+        .await;
+    relay.post_message(account, chat_a, "Sent while you were away").await;
+    relay.restart_fanout().await;
+    browser.wait_until("the page is live again", "document.body.dataset.hellos === '2'", WAIT).await;
+    browser.wait_until("the resume was gap-free", "document.body.dataset.recovered === 'true'", WAIT).await;
+    browser.wait_until("the missed message shows", &messages_show("Sent while you were away"), WAIT).await;
+    browser.wait_until("chat A's badge counts it", &format!("{} === '3'", badge(chat_a)), WAIT).await;
+    let shown = browser
+        .eval("[...document.querySelectorAll('#messages .msg')].map(m => m.dataset.messageId).length")
+        .await;
+    assert_eq!(shown, 3, "every message of chat A shows exactly once");
+
+    // Mark as read: the badge goes away (the REST call, then chat:read).
+    browser.client.execute("document.getElementById('read').click(); return null;", vec![]).await.unwrap();
+    browser.wait_until("chat A's badge clears", &format!("{} === '0'", badge(chat_a)), WAIT).await;
+    browser.screenshot("resumed").await;
+
+    browser.close().await;
+    relay.shutdown().await;
+}

@@ -1,0 +1,365 @@
+//! `docker-compose.yml` checked mechanically against the binaries it runs.
+//!
+//! There may be no Docker engine where the tests run, so the file is read as YAML and
+//! every service that runs our image has its `command` and `environment` turned into the
+//! argument list the binary would see: each variable becomes the flag that reads it
+//! (clap `env`), `${VAR:-default}` takes its default. That list is then parsed by the
+//! binary's own clap definition (`ingest`, `fanout`), or checked against `loadgen`'s
+//! `--help`, so a renamed flag, a misspelt variable, a missing required setting or a
+//! value the binary would refuse fails here instead of on somebody's Docker host.
+//! Other tests check the shape the issue asks for: JetStream on, monitoring port, no
+//! fixed fanout port, health-gated start order, profiles, and the gateway routes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use clap::CommandFactory;
+use serde_yaml::Value;
+
+/// Variables our binaries read outside clap (tracing's filter).
+const NON_CLAP_ENV: &[&str] = &["RUST_LOG"];
+/// The image every relay service runs.
+const RELAY_IMAGE: &str = "unipile-relay:latest";
+
+fn repo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name)
+}
+
+fn compose() -> Value {
+    let path = repo_file("docker-compose.yml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let value: Value = serde_yaml::from_str(&text).expect("docker-compose.yml is valid YAML");
+    // `<<: *anchor` merges, as compose does.
+    let mut value = value;
+    value.apply_merge().expect("YAML merge keys resolve");
+    value
+}
+
+fn services() -> BTreeMap<String, Value> {
+    let compose = compose();
+    let services = compose.get("services").and_then(Value::as_mapping).expect("compose has services");
+    services.iter().map(|(k, v)| (k.as_str().expect("service name").to_owned(), v.clone())).collect()
+}
+
+fn strings(value: Option<&Value>) -> Vec<String> {
+    match value {
+        Some(Value::Sequence(items)) => {
+            items.iter().map(|v| v.as_str().expect("a list of strings").to_owned()).collect()
+        }
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `${VAR:-default}` / `${VAR-default}` → default, `${VAR}` → a placeholder.
+fn interpolate(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("unterminated ${") + start;
+        let inner = &rest[start + 2..end];
+        let default = inner.split_once(":-").or_else(|| inner.split_once('-')).map(|(_, d)| d);
+        out.push_str(default.unwrap_or("set-by-operator"));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn environment(service: &Value) -> BTreeMap<String, String> {
+    match service.get("environment") {
+        Some(Value::Mapping(map)) => map
+            .iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    other => panic!("environment value {other:?}"),
+                };
+                (k.as_str().unwrap().to_owned(), interpolate(&value))
+            })
+            .collect(),
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .map(|item| {
+                let (k, v) = item.as_str().unwrap().split_once('=').expect("KEY=value");
+                (k.to_owned(), interpolate(v))
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+fn relay_services() -> BTreeMap<String, Value> {
+    services()
+        .into_iter()
+        .filter(|(_, s)| s.get("image").and_then(Value::as_str) == Some(RELAY_IMAGE))
+        .collect()
+}
+
+/// The argument list a service's binary would see: its command plus one flag per variable.
+fn argv_with_env(name: &str, service: &Value, subcommand: &clap::Command) -> Vec<String> {
+    let mut argv: Vec<String> = strings(service.get("command")).iter().map(|a| interpolate(a)).collect();
+    for (var, value) in environment(service) {
+        if NON_CLAP_ENV.contains(&var.as_str()) {
+            continue;
+        }
+        let arg = subcommand
+            .get_arguments()
+            .find(|a| a.get_env().and_then(|e| e.to_str()) == Some(var.as_str()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "service {name}: {var} is not read by `{}` (variables it reads: {:?})",
+                    argv.join(" "),
+                    subcommand.get_arguments().filter_map(|a| a.get_env()).collect::<Vec<_>>()
+                )
+            });
+        argv.push(format!("--{}={value}", arg.get_long().expect("env args have a long flag")));
+    }
+    argv
+}
+
+/// The command with environment fallbacks removed from one subcommand, so only what the
+/// compose file gives counts (the test process may have DATABASE_URL and friends set).
+fn without_env(root: clap::Command, subcommand: &str) -> clap::Command {
+    root.mut_subcommand(subcommand, |sub| sub.mut_args(|arg| arg.env(None::<&'static str>)))
+}
+
+fn subcommand<'a>(root: &'a clap::Command, name: &str) -> &'a clap::Command {
+    root.find_subcommand(name).unwrap_or_else(|| panic!("`{}` has no subcommand {name}", root.get_name()))
+}
+
+#[test]
+fn compose_runs_only_binaries_and_subcommands_that_exist() {
+    let services = relay_services();
+    assert!(services.len() >= 3, "ingest, fanout and the simulator run our image: {:?}", services.keys());
+    let dockerfile = std::fs::read_to_string(repo_file("Dockerfile")).expect("Dockerfile");
+    for (name, service) in &services {
+        let command = strings(service.get("command"));
+        let binary = command.first().unwrap_or_else(|| panic!("service {name} names its binary"));
+        assert!(
+            ["ingest", "fanout", "loadgen"].contains(&binary.as_str()),
+            "service {name} runs unknown binary {binary}"
+        );
+        assert!(dockerfile.contains(&format!("target/release/{binary}")), "the image does not ship {binary}");
+    }
+}
+
+#[test]
+fn ingest_service_parses_with_ingest_own_configuration() {
+    let services = relay_services();
+    let ingest_root = ingest::config::Cli::command();
+    let mut checked = 0;
+    for (name, service) in services.iter().filter(|(_, s)| strings(s.get("command"))[0] == "ingest") {
+        let command = strings(service.get("command"));
+        let sub = subcommand(&ingest_root, &command[1]);
+        let argv = argv_with_env(name, service, sub);
+        if let Err(error) =
+            without_env(ingest::config::Cli::command(), &command[1]).try_get_matches_from(&argv)
+        {
+            panic!("service {name}: ingest refuses {argv:?}:\n{error}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 1, "one ingest service");
+}
+
+#[test]
+fn fanout_service_parses_with_fanout_own_configuration() {
+    let services = relay_services();
+    let fanout_root = fanout::config::Cli::command();
+    let mut checked = 0;
+    for (name, service) in services.iter().filter(|(_, s)| strings(s.get("command"))[0] == "fanout") {
+        let command = strings(service.get("command"));
+        let sub = subcommand(&fanout_root, &command[1]);
+        let argv = argv_with_env(name, service, sub);
+        if let Err(error) =
+            without_env(fanout::config::Cli::command(), &command[1]).try_get_matches_from(&argv)
+        {
+            panic!("service {name}: fanout refuses {argv:?}:\n{error}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 1, "one fanout service");
+}
+
+/// Flags, variables and required flags of a subcommand, read from its `--help`.
+struct Help {
+    longs: BTreeSet<String>,
+    envs: BTreeMap<String, String>,
+    required: BTreeSet<String>,
+}
+
+fn help_of(binary: &Path, subcommand: &str) -> Help {
+    let output = std::process::Command::new(binary)
+        .args([subcommand, "--help"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    assert!(output.status.success(), "{} {subcommand} --help failed", binary.display());
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (mut longs, mut envs, mut required) = (BTreeSet::new(), BTreeMap::new(), BTreeSet::new());
+    let mut current = None;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if let Some(usage) = trimmed.strip_prefix("Usage:") {
+            // Flags outside [..] in the usage line are required.
+            let mut depth = 0i32;
+            for token in usage.split_whitespace() {
+                depth += token.matches('[').count() as i32;
+                if depth == 0 && token.starts_with("--") {
+                    required.insert(token.trim_start_matches('-').to_owned());
+                }
+                depth -= token.matches(']').count() as i32;
+            }
+        }
+        if trimmed.starts_with('-')
+            && let Some(long) = trimmed.split_whitespace().find_map(|t| t.strip_prefix("--"))
+        {
+            let long = long.split(['=', ',', ' ']).next().unwrap().to_owned();
+            longs.insert(long.clone());
+            current = Some(long);
+        }
+        if let (Some(start), Some(long)) = (line.find("[env: "), current.as_ref()) {
+            let name = line[start + 6..].split(['=', ']']).next().unwrap().to_owned();
+            envs.insert(name, long.clone());
+        }
+    }
+    Help { longs, envs, required }
+}
+
+/// The workspace's built binaries sit beside this test's own directory (target/<profile>).
+fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; `cargo nextest run --workspace` builds it (or run `cargo build -p {name}`)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn simulator_service_uses_only_flags_and_variables_loadgen_accepts() {
+    let services = relay_services();
+    let loadgen = built_binary("loadgen");
+    let mut checked = 0;
+    for (name, service) in services.iter().filter(|(_, s)| strings(s.get("command"))[0] == "loadgen") {
+        let command = strings(service.get("command"));
+        let help = help_of(&loadgen, &command[1]);
+        let mut given: BTreeSet<String> = BTreeSet::new();
+        for token in command.iter().skip(2).filter(|t| t.starts_with("--")) {
+            let long = token.trim_start_matches('-').split('=').next().unwrap().to_owned();
+            assert!(help.longs.contains(&long), "service {name}: loadgen {} has no --{long}", command[1]);
+            given.insert(long);
+        }
+        for var in environment(service).keys().filter(|v| !NON_CLAP_ENV.contains(&v.as_str())) {
+            let long = help.envs.get(var).unwrap_or_else(|| {
+                panic!(
+                    "service {name}: loadgen {} does not read {var} (it reads {:?})",
+                    command[1], help.envs
+                )
+            });
+            given.insert(long.clone());
+        }
+        for long in &help.required {
+            assert!(given.contains(long), "service {name}: loadgen {} needs --{long}", command[1]);
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 1, "one simulator service");
+}
+
+#[test]
+fn nats_runs_jetstream_with_its_monitoring_port() {
+    let nats = &services()["nats"];
+    let command = strings(nats.get("command"));
+    assert!(command.contains(&"-js".to_owned()), "JetStream on: {command:?}");
+    assert!(command.windows(2).any(|w| w == ["-m", "8222"]), "monitoring on 8222: {command:?}");
+    assert!(strings(nats.get("ports")).iter().any(|p| p.ends_with(":8222")), "8222 published");
+}
+
+#[test]
+fn postgres_keeps_its_data_in_a_volume_and_has_a_healthcheck() {
+    let postgres = &services()["postgres"];
+    assert!(
+        strings(postgres.get("volumes")).iter().any(|v| v.ends_with(":/var/lib/postgresql/data")),
+        "data volume"
+    );
+    assert!(postgres.get("healthcheck").is_some(), "healthcheck");
+}
+
+#[test]
+fn fanout_has_no_fixed_host_port_so_it_can_scale() {
+    let fanout = &services()["fanout"];
+    assert!(fanout.get("ports").is_none(), "`--scale fanout=3` needs fanout without host ports");
+    assert!(fanout.get("container_name").is_none(), "a fixed container name prevents scaling");
+}
+
+#[test]
+fn services_start_in_order_of_health() {
+    let services = services();
+    for (name, service) in &services {
+        let Some(depends) = service.get("depends_on") else { continue };
+        let depends = depends.as_mapping().unwrap_or_else(|| panic!("{name}: depends_on with conditions"));
+        for (target, how) in depends {
+            let target = target.as_str().unwrap();
+            assert_eq!(
+                how.get("condition").and_then(Value::as_str),
+                Some("service_healthy"),
+                "{name} waits for {target} to be healthy"
+            );
+            assert!(services[target].get("healthcheck").is_some(), "{target} has a healthcheck");
+        }
+    }
+    for name in ["ingest", "fanout", "gateway"] {
+        assert!(services[name].get("depends_on").is_some(), "{name} declares what it waits for");
+    }
+}
+
+#[test]
+fn debug_and_demo_extras_sit_behind_profiles() {
+    let services = services();
+    assert_eq!(strings(services["nats-box"].get("profiles")), ["debug"]);
+    assert_eq!(strings(services["simulator"].get("profiles")), ["demo"]);
+}
+
+/// `host:port` from a listen address in a service's environment.
+fn listen_port(service: &Value, var: &str) -> String {
+    let listen = environment(service).get(var).cloned().unwrap_or_else(|| panic!("{var} set"));
+    listen.rsplit(':').next().unwrap().to_owned()
+}
+
+#[test]
+fn gateway_routes_match_the_ports_the_services_listen_on() {
+    let services = services();
+    let ingest_port = listen_port(&services["ingest"], "INGEST_LISTEN");
+    let fanout_port = listen_port(&services["fanout"], "FANOUT_LISTEN");
+    let nginx = std::fs::read_to_string(repo_file("deploy/nginx.conf")).expect("deploy/nginx.conf");
+    assert!(nginx.contains(&format!("ingest:{ingest_port}")), "/api goes to ingest:{ingest_port}");
+    assert!(nginx.contains(&format!("fanout:{fanout_port}")), "/ws and / go to fanout:{fanout_port}");
+    let ws = nginx.split("location /ws/").nth(1).expect("a /ws/ location");
+    let ws = &ws[..ws.find("location ").unwrap_or(ws.len())];
+    for needle in ["Upgrade $http_upgrade", "Connection $connection_upgrade", "proxy_read_timeout"] {
+        assert!(ws.contains(needle), "/ws/ location has {needle}");
+    }
+    assert!(nginx.contains("location /api/"), "an /api/ location");
+    assert!(nginx.contains("location / "), "a / location for the page");
+    for (name, var, port) in
+        [("ingest", "INGEST_LISTEN", &ingest_port), ("fanout", "FANOUT_LISTEN", &fanout_port)]
+    {
+        let health = strings(services[name]["healthcheck"].get("test")).join(" ");
+        assert!(health.contains(&format!(":{port}/")), "{name} healthcheck uses {var}'s port: {health}");
+    }
+    let simulator = strings(services["simulator"].get("command")).join(" ");
+    assert!(simulator.contains(&format!("http://ingest:{ingest_port}")), "the simulator posts to ingest");
+}
+
+#[test]
+fn interpolation_takes_defaults() {
+    assert_eq!(interpolate("a${X:-b}c${Y-d}"), "abcd");
+    assert_eq!(interpolate("${X}"), "set-by-operator");
+}
