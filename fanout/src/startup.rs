@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
+use axum::serve::ListenerExt;
 use shared::claims::JwtKeys;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
@@ -96,6 +97,12 @@ impl Application {
         let stop = cancel.clone();
         let server = tokio::spawn(
             async move {
+                // Frames are small and latency matters more than packet count: no Nagle.
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(error) = tcp.set_nodelay(true) {
+                        tracing::debug!(%error, "cannot set TCP_NODELAY");
+                    }
+                });
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
                         tokio::select! {

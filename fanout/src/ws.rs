@@ -216,11 +216,17 @@ impl Connection {
         let expiry = tokio::time::sleep_until(expires_at);
         tokio::pin!(expiry);
         let mut batch: Vec<SharedEvent> = Vec::new();
+        // Created once, not per wake-up: every connection waits on the same shutdown
+        // token, and re-registering with it on each event would contend on its lock.
+        let (token, shared) = (self.ctx.shutdown.clone(), self.shared.clone());
+        let shutdown = token.cancelled();
+        let kicked = shared.kicked();
+        tokio::pin!(shutdown, kicked);
         loop {
             tokio::select! {
                 biased;
-                _ = self.ctx.shutdown.cancelled() => return End::Close(Close::SHUTDOWN),
-                kick = self.shared.kicked() => return End::Close(kick.into()),
+                _ = &mut shutdown => return End::Close(Close::SHUTDOWN),
+                kick = &mut kicked => return End::Close(kick.into()),
                 received = rx.recv_many(&mut batch, BATCH) => {
                     if received == 0 {
                         let kick = self.shared.kick_reason().unwrap_or(Kick::SlowConsumer);
@@ -364,7 +370,9 @@ pub(crate) async fn guarded_with<T>(
     shutdown: &tokio_util::sync::CancellationToken,
     write: impl Future<Output = Result<T, axum::Error>>,
 ) -> Result<T, End> {
+    // Write first: a write that completes at once never registers the other two.
     tokio::select! {
+        biased;
         result = tokio::time::timeout(timeout, write) => match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(_)) => Err(End::Gone("write_error")),
