@@ -37,3 +37,12 @@ async fn a_bearer_header_is_accepted_like_the_query_parameter() {
     let mut client = crate::helpers::try_connect_request(request).await.expect("upgrade accepted");
     client.hello().await;
 }
+
+#[tokio::test]
+async fn a_connection_is_closed_with_4002_when_its_token_expires() {
+    let app = spawn_app().await;
+    let short = crate::helpers::keys().issue("u", vec!["*".into()], Duration::from_secs(2));
+    let (mut client, _) = app.connect_hello(&short, None).await;
+    let (code, reason, _) = client.until_close().await;
+    assert_eq!(code, 4002, "{reason}");
+}
