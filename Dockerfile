@@ -21,7 +21,7 @@ RUN cargo chef prepare --recipe-path recipe.json
 FROM chef AS builder
 COPY --from=planner /app/recipe.json recipe.json
 # Dependencies only: this layer is reused until Cargo.toml/Cargo.lock change.
-RUN cargo chef cook --release --locked --recipe-path recipe.json \
+RUN cargo chef cook --release --recipe-path recipe.json \
     -p ingest -p fanout -p loadgen
 COPY . .
 RUN cargo build --release --locked -p ingest -p fanout -p loadgen \
