@@ -35,7 +35,7 @@ const CHROMIUM_FLAGS: &[&str] = &[
     "--window-size=1280,800",
 ];
 
-fn nats_url() -> String {
+pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
@@ -104,8 +104,8 @@ pub struct Relay {
     pub ingest_url: String,
     pub fanout_port: u16,
     pub jwt: JwtKeys,
-    stream_name: String,
-    prefix: String,
+    pub stream_name: String,
+    pub prefix: String,
     database: String,
     ingest: Server,
     fanout: Server,

@@ -2,9 +2,11 @@
 //!
 //! Needs PostgreSQL and NATS (like every integration test here) and Chromium with
 //! chromedriver (`apt-get install -y chromium chromium-driver`); without them the test
-//! fails and says what is missing. Screenshots land in `target/e2e/`.
+//! fails and says what is missing. Screenshots land in `target/e2e/`. The `tail` module
+//! checks `fanout tail` against the same in-process relay.
 
 mod harness;
+mod tail;
 
 use std::time::Duration;
 
