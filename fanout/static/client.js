@@ -52,20 +52,23 @@
  */
 
 /**
- * Handlers by event name: the lifecycle events plus every envelope type.
- * @typedef {object} RelayEvents
- * @property {Hello} hello
- * @property {RelayEvent} event               every envelope, whatever its type
- * @property {RelayEvent} message:new
- * @property {RelayEvent} message:read
- * @property {RelayEvent} message:reaction
- * @property {RelayEvent} message:edited
- * @property {RelayEvent} message:deleted
- * @property {RelayEvent} chat:read
- * @property {RelayEvent} account:status
- * @property {Status} status
- * @property {{reason: string}} reload        history lost: refetch by REST
- * @property {{code?: string, message: string}} error
+ * Payloads by event name: the lifecycle events plus every envelope type.
+ * `event` fires for every envelope whatever its type; `reload` means the history was
+ * lost (refetch by REST); `status` follows the connection.
+ * @typedef {{
+ *   "hello": Hello,
+ *   "event": RelayEvent,
+ *   "message:new": RelayEvent,
+ *   "message:read": RelayEvent,
+ *   "message:reaction": RelayEvent,
+ *   "message:edited": RelayEvent,
+ *   "message:deleted": RelayEvent,
+ *   "chat:read": RelayEvent,
+ *   "account:status": RelayEvent,
+ *   "status": Status,
+ *   "reload": {reason: string},
+ *   "error": {code?: string, message: string},
+ * }} RelayEvents
  */
 
 /**
