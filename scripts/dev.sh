@@ -13,9 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PROFILE="${PROFILE:-debug}"
-ADMIN_DATABASE_URL="${ADMIN_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+# The server's maintenance database (DATABASE_URL as CI sets it), where relay_dev is created.
+ADMIN_DATABASE_URL="${ADMIN_DATABASE_URL:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}}"
 DEV_DATABASE="${DEV_DATABASE:-relay_dev}"
-export DATABASE_URL="${DATABASE_URL:-${ADMIN_DATABASE_URL%/*}/${DEV_DATABASE}}"
+export DATABASE_URL="${DEV_DATABASE_URL:-${ADMIN_DATABASE_URL%/*}/${DEV_DATABASE}}"
 export NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
 export WEBHOOK_SECRET="${WEBHOOK_SECRET:-dev-webhook-secret}"
 export JWT_SECRET="${JWT_SECRET:-dev-jwt-secret}"
