@@ -198,7 +198,7 @@ async fn send_close(socket: &mut WebSocket, close: Close) -> Result<(), ()> {
 
 impl Connection {
     async fn run(&mut self, registration: Registration, since: Option<u64>, expires_at: Instant) -> End {
-        let Registration { mut rx, head, backlog, membership, .. } = registration;
+        let Registration { id, mut rx, head, backlog, membership, .. } = registration;
         let _membership = membership;
         let caught_up = match since {
             None => {
@@ -212,7 +212,10 @@ impl Connection {
             return end;
         }
         let heartbeat = self.ctx.limits.heartbeat;
-        let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        // Spread first pings over one interval: connections opened together (a
+        // reconnect wave) must not all be pinged in the same instant forever after.
+        let jitter = heartbeat.mul_f64((id % 1024) as f64 / 1024.0);
+        let mut ping = tokio::time::interval_at(Instant::now() + heartbeat + jitter, heartbeat);
         let expiry = tokio::time::sleep_until(expires_at);
         tokio::pin!(expiry);
         let mut batch: Vec<SharedEvent> = Vec::new();
