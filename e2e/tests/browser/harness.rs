@@ -289,8 +289,18 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
 /// chromedriver on a free port, with headless Chromium behind it.
 pub struct Browser {
     pub client: Client,
-    driver: Child,
+    _driver: Driver,
     profile: PathBuf,
+}
+
+/// The chromedriver process, killed when dropped.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Browser {
@@ -320,6 +330,8 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", chromedriver.display()));
+        // Killed on drop, also when the session below cannot be created.
+        let driver = Driver(driver);
         let profile = std::env::temp_dir().join(format!("e2e-chromium-{}", Uuid::new_v4().simple()));
         let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| (*f).to_owned()).collect();
         args.push(format!("--user-data-dir={}", profile.display()));
@@ -347,7 +359,7 @@ impl Browser {
                 }
             }
         };
-        Self { client, driver, profile }
+        Self { client, _driver: driver, profile }
     }
 
     /// Evaluates `expression` in the page until it is truthy; fails with what the page
@@ -390,16 +402,25 @@ impl Browser {
         Some(path)
     }
 
-    pub async fn close(mut self) {
+    pub async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
 impl Drop for Browser {
+    /// After a failed assertion the session is never closed and Chromium (a child of
+    /// chromedriver, not of this process) would outlive the test: end every process
+    /// started with this test's own profile directory.
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let profile = format!("--user-data-dir={}", self.profile.display());
+        let Ok(entries) = std::fs::read_dir("/proc") else { return };
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            if cmdline.split(|b| *b == 0).any(|arg| arg == profile.as_bytes()) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
