@@ -54,11 +54,16 @@ fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// The publish time an event frame carries, without parsing the whole frame.
-fn sent_us(text: &str) -> Option<u64> {
-    let start = text.find("\"t_us\":")? + "\"t_us\":".len();
+/// A number field of an event frame, found without parsing the whole frame.
+fn number_field(text: &str, field: &str) -> Option<u64> {
+    let start = text.find(field)? + field.len();
     let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
     text[start..start + digits].parse().ok()
+}
+
+/// The publish time an event frame carries.
+fn sent_us(text: &str) -> Option<u64> {
+    number_field(text, "\"t_us\":")
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -68,12 +73,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let latencies = Arc::new(Mutex::new(report::latency_histogram()));
     let counters = Arc::new(Counters::default());
     let last_frame = Arc::new(AtomicU64::new(0));
+    // Per event: the latency of its slowest delivery, i.e. when the last client got it.
+    let slowest: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
     let on_text = {
-        let (latencies, last_frame) = (latencies.clone(), last_frame.clone());
+        let (latencies, last_frame, slowest) = (latencies.clone(), last_frame.clone(), slowest.clone());
         move |text: &str| {
             if let Some(sent) = sent_us(text) {
                 let now = now_us();
                 last_frame.fetch_max(now, Ordering::Relaxed);
+                if let Some(slot) = number_field(text, "\"i\":").and_then(|i| slowest.get(i as usize)) {
+                    slot.fetch_max(now.saturating_sub(sent), Ordering::Relaxed);
+                }
                 let mut h = latencies.lock().unwrap_or_else(|p| p.into_inner());
                 report::record(&mut h, Duration::from_micros(now.saturating_sub(sent)));
             }
@@ -149,7 +159,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         span.as_secs_f64(),
         frames as f64 / span.as_secs_f64().max(1e-9)
     );
-    println!("delivery latency: {}", report::percentiles(&h));
+    println!("delivery latency (every frame): {}", report::percentiles(&h));
+    let mut complete = report::latency_histogram();
+    for slot in slowest.iter() {
+        let us = slot.load(Ordering::Relaxed);
+        if us > 0 {
+            report::record(&mut complete, Duration::from_micros(us));
+        }
+    }
+    println!("time until the last client had an event: {}", report::percentiles(&complete));
     println!("connections closed by the server: {}", counters.closed.load(Ordering::Relaxed));
     for conn in &opened {
         conn.reader.abort();
@@ -165,5 +183,6 @@ mod tests {
     fn the_publish_time_is_read_from_the_frame() {
         assert_eq!(sent_us(r#"{"seq":1,"data":{"t_us":1234,"i":0}}"#), Some(1234));
         assert_eq!(sent_us(r#"{"type":"pong"}"#), None);
+        assert_eq!(number_field(r#"{"data":{"t_us":1,"i":42}}"#, "\"i\":"), Some(42));
     }
 }
