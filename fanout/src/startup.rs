@@ -165,6 +165,9 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::router())
         .merge(health::router())
         .merge(page::router())
-        .layer(TraceLayer::new_for_http())
+        // Spans name the path only: the query may carry a client token.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
+            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+        }))
         .with_state(state)
 }

@@ -57,7 +57,7 @@ pub struct WsParams {
     since: Option<u64>,
 }
 
-#[tracing::instrument(skip_all, fields(since))]
+#[tracing::instrument(skip_all)]
 async fn upgrade(
     State(state): State<AppState>,
     query: Result<Query<WsParams>, QueryRejection>,
