@@ -66,10 +66,28 @@ fn sent_us(text: &str) -> Option<u64> {
     number_field(text, "\"t_us\":")
 }
 
+/// Refuses a NATS URL whose host is not this machine.
+async fn nats_is_loopback(url: &str) -> anyhow::Result<()> {
+    for server in url.split(',') {
+        let authority = server.trim().split("://").last().unwrap_or_default();
+        let authority = authority.rsplit('@').next().unwrap_or_default().trim_end_matches('/');
+        let authority =
+            if authority.contains(':') { authority.to_owned() } else { format!("{authority}:4222") };
+        let loopback = tokio::net::lookup_host(&authority)
+            .await
+            .with_context(|| format!("resolving {authority}"))?
+            .all(|addr| addr.ip().is_loopback());
+        anyhow::ensure!(loopback, "{server} is not a loopback address; loadgen only targets this machine");
+    }
+    Ok(())
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let subjects = Subjects::new(args.subject_prefix.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let duration = args.duration.min(600);
-    let total = args.rate * duration;
+    let rate = args.rate.clamp(1, 100_000);
+    let total = rate * duration;
+    nats_is_loopback(&args.nats_url).await?;
     let latencies = Arc::new(Mutex::new(report::latency_histogram()));
     let counters = Arc::new(Counters::default());
     let last_frame = Arc::new(AtomicU64::new(0));
@@ -104,11 +122,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client);
     let subject = subjects.event(&args.account, Some("chat_loadgen"), EventType::MessageNew);
     let padding = "x".repeat(args.payload_bytes);
-    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let failed_publishes = Arc::new(AtomicU64::new(0));
     let mut acks = tokio::task::JoinSet::new();
     let frames_before = counters.frames.load(Ordering::Relaxed);
-    println!("publishing {total} events at {}/s to {subject}", args.rate);
+    println!("publishing {total} events at {rate}/s to {subject}");
     let start = Instant::now();
     let start_us = now_us();
     for i in 0..total {
