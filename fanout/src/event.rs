@@ -44,10 +44,14 @@ impl Skip {
     }
 }
 
+/// The only fields fanout reads of an event. Naming `seq` makes serde refuse a payload
+/// that already carried one (a foreign publisher): it would hold the key twice.
 #[derive(Deserialize)]
 struct Peek<'a> {
     #[serde(borrow)]
     occurred_at: Option<&'a str>,
+    #[allow(dead_code)]
+    seq: u64,
 }
 
 impl Event {
@@ -103,5 +107,13 @@ mod tests {
         );
         let subject = subjects.event("a", None, EventType::AccountStatus);
         assert_eq!(Event::from_stream(&subjects, &subject, b"[1]", 1).unwrap_err(), Skip::Payload);
+    }
+
+    #[test]
+    fn a_payload_that_already_carries_a_seq_is_skipped() {
+        let subjects = Subjects::new("t.events").unwrap();
+        let subject = subjects.event("a", None, EventType::AccountStatus);
+        let foreign = br#"{"seq":7,"type":"account:status","occurred_at":"2026-11-29T10:00:00.000Z"}"#;
+        assert_eq!(Event::from_stream(&subjects, &subject, foreign, 9).unwrap_err(), Skip::Payload);
     }
 }

@@ -118,15 +118,7 @@ impl Application {
         );
         let follower = tokio::spawn(follower.run().instrument(tracing::info_span!("follower")));
         let upkeep = tokio::spawn(
-            async {
-                let handle = shared::telemetry::metrics_handle();
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tick.tick().await;
-                    handle.run_upkeep();
-                }
-            }
-            .instrument(tracing::info_span!("metrics_upkeep")),
+            shared::telemetry::metrics_upkeep().instrument(tracing::info_span!("metrics_upkeep")),
         );
 
         let outcome = tokio::select! {

@@ -47,6 +47,10 @@ impl Application {
         let js = async_nats::jetstream::new(nats.clone());
 
         let mut tasks = JoinSet::new();
+        tasks.spawn(async {
+            shared::telemetry::metrics_upkeep().await;
+            Ok(())
+        });
         let wake_relay = Arc::new(Notify::new());
         let subjects = config.nats.subject_prefix.clone();
         let batcher =

@@ -189,8 +189,9 @@ pub mod millis {
 
 /// Adds `"seq":<seq>` to a serialized envelope without parsing it again.
 ///
-/// Returns `None` when the bytes are not a JSON object, or already carry a `seq`
-/// (ingest never sets one, so that is a foreign publisher).
+/// Returns `None` when the bytes do not start as a JSON object. A payload that already
+/// had a `seq` comes out with the key twice; readers that must refuse it (fanout) name
+/// `seq` in their serde struct, which rejects duplicate fields.
 pub fn stamp_seq(payload: &[u8], seq: u64) -> Option<Vec<u8>> {
     let rest = payload.strip_prefix(b"{")?;
     let rest_trimmed = rest.trim_ascii_start();

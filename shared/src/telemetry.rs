@@ -37,6 +37,17 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Keeps the recorder's histograms bounded between scrapes; runs until dropped.
+/// `install_recorder` leaves this to the caller.
+pub async fn metrics_upkeep() {
+    let handle = metrics_handle();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
