@@ -7,12 +7,13 @@
 //! handler after the commit. Under light load a batch is one delivery and nothing
 //! waits; under heavy load batches grow while the previous commit runs.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shared::envelope::Envelope;
 use shared::subjects::Subjects;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -148,6 +149,7 @@ pub async fn commit(
     writes: &[&Write],
 ) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    lock_chats(&mut tx, writes).await?;
     let mut outcomes = vec![Outcome::Ignored; writes.len()];
     let mut events: Vec<(usize, Envelope)> = Vec::new();
 
@@ -194,6 +196,48 @@ pub async fn commit(
     outbox::enqueue(&mut tx, subjects, &envelopes).await?;
     tx.commit().await?;
     Ok((outcomes, envelopes.len()))
+}
+
+/// Takes a transaction-scoped advisory lock on every chat the batch touches, in one
+/// global order, before any row is written.
+///
+/// Batches lock rows of several tables (new chats, messages, existing chats, accounts);
+/// two batches that share chats could otherwise take those locks in different orders
+/// and deadlock. With the chat locks first, batches sharing a chat run one after the
+/// other, and batches with no chat in common never wait for each other's rows.
+async fn lock_chats(tx: &mut Transaction<'_, Postgres>, writes: &[&Write]) -> Result<(), sqlx::Error> {
+    lock_chat_ids(
+        tx,
+        writes.iter().filter_map(|w| match w {
+            Write::Message(m) => Some(m.chat_id.as_str()),
+            Write::Update(u) => Some(u.message.chat_id.as_str()),
+            Write::MarkRead(r) => Some(r.chat_id.as_str()),
+            Write::AccountStatus(_) => None,
+        }),
+    )
+    .await
+}
+
+/// The lock of [`lock_chats`], for writers outside the batcher (the history backfill).
+pub(crate) async fn lock_chat_ids<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    chat_ids: impl IntoIterator<Item = &'a str>,
+) -> Result<(), sqlx::Error> {
+    let chats: BTreeSet<&str> = chat_ids.into_iter().collect();
+    if chats.is_empty() {
+        return Ok(());
+    }
+    // The materialized CTE hands its rows to the aggregate in key order, so the locks
+    // are taken in that order. Key space 1 of the two-key form is ours alone.
+    sqlx::query(
+        "with keys as materialized (
+             select distinct hashtext(id) as k from unnest($1::text[]) as id order by 1)
+         select count(pg_advisory_xact_lock(1, k)) from keys",
+    )
+    .bind(chats.into_iter().collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The writes `pick` selects, with their places in the batch.

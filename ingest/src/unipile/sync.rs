@@ -236,6 +236,7 @@ async fn save(pool: &PgPool, batch: &[(Vec<Change>, NewMessage)]) -> Result<usiz
         })
         .collect();
     let mut tx = pool.begin().await?;
+    crate::store::batcher::lock_chat_ids(&mut tx, new.iter().map(|m| m.chat_id.as_str())).await?;
     let inserted = messages::insert(&mut tx, &new).await?;
     updates::apply(&mut tx, &history.iter().collect::<Vec<_>>()).await?;
     tx.commit().await?;

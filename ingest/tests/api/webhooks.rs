@@ -211,18 +211,20 @@ async fn ids_with_subject_special_characters_stay_in_their_own_subject() {
 #[tokio::test]
 async fn concurrent_deliveries_are_each_answered_after_commit() {
     let app = spawn_app().await;
-    let deliveries: Vec<Value> = (0..200)
-        .map(|i| message_received(&format!("acc{}", i % 3), &format!("chat{}", i % 7), i % 4 == 0))
+    // New chats shared by deliveries in a scrambled order, so concurrent batches create
+    // and update the same chats in different orders: they must not deadlock.
+    let deliveries: Vec<Value> = (0..400)
+        .map(|i| message_received(&format!("acc{}", i % 3), &format!("chat{}", (i * 7919) % 61), i % 4 == 0))
         .collect();
     let answers = futures::future::join_all(deliveries.iter().map(|d| app.post_message(d))).await;
     assert!(answers.iter().all(|(code, body)| *code == 200 && body["status"] == "accepted"), "{answers:?}");
-    assert_eq!(app.count("select count(*) from messages").await, 200);
-    assert_eq!(app.count("select sum(unread_count)::bigint from chats").await, 150);
-    let events = app.stream_events(200, WAIT).await;
-    assert_eq!(events.len(), 200);
+    assert_eq!(app.count("select count(*) from messages").await, 400);
+    assert_eq!(app.count("select sum(unread_count)::bigint from chats").await, 300);
+    let events = app.stream_events(400, WAIT).await;
+    assert_eq!(events.len(), 400);
     let mut ids: Vec<String> =
         events.iter().map(|(_, e)| e.data["message"]["id"].as_str().unwrap().to_owned()).collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 200, "one event per message");
+    assert_eq!(ids.len(), 400, "one event per message");
 }
