@@ -5,6 +5,7 @@
 //! helpers accept all of that and never fail on a shape they can make sense of, so that
 //! one odd field does not send a whole message to the dead-letter table.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -49,6 +50,27 @@ pub fn opt_i64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>
     Ok(match Value::deserialize(deserializer)? {
         Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
         Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+/// An identifier: a non-empty string (numbers are accepted and turned into strings).
+pub fn id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    match opt_string(deserializer)? {
+        Some(id) if !id.trim().is_empty() => Ok(id),
+        _ => Err(serde::de::Error::custom("an id must be a non-empty string")),
+    }
+}
+
+/// A timestamp as RFC 3339 text or as epoch milliseconds (number or numeric string);
+/// anything else reads as absent.
+pub fn opt_timestamp<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::String(s) => DateTime::parse_from_rfc3339(s.trim())
+            .map(|t| t.with_timezone(&Utc))
+            .ok()
+            .or_else(|| s.trim().parse::<i64>().ok().and_then(DateTime::from_timestamp_millis)),
+        Value::Number(n) => n.as_i64().and_then(DateTime::from_timestamp_millis),
         _ => None,
     })
 }

@@ -89,21 +89,21 @@ pub struct Attendee {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct MessagingEvent {
     pub event: MessagingEventKind,
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub account_id: String,
     #[serde(default, deserialize_with = "lenient::opt_string")]
     pub account_type: Option<String>,
     /// Differs per provider (phone number for WhatsApp, user id for LinkedIn, ...).
     #[serde(default)]
     pub account_info: Option<Value>,
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub chat_id: String,
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub message_id: String,
     /// The message text; `null` for attachments-only messages and deletions.
     #[serde(default, deserialize_with = "lenient::opt_string")]
     pub message: Option<String>,
-    #[serde(default, deserialize_with = "opt_timestamp")]
+    #[serde(default, deserialize_with = "lenient::opt_timestamp")]
     pub timestamp: Option<DateTime<Utc>>,
     #[serde(default, deserialize_with = "lenient_opt")]
     pub sender: Option<Attendee>,
@@ -209,33 +209,13 @@ pub struct AccountStatusDelivery {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct AccountStatus {
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub account_id: String,
     #[serde(default, deserialize_with = "lenient::opt_string")]
     pub account_type: Option<String>,
     pub message: AccountStatusKind,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
-}
-
-/// An identifier: a non-empty string (numbers are accepted and turned into strings).
-fn id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    match lenient::opt_string(deserializer)? {
-        Some(id) if !id.trim().is_empty() => Ok(id),
-        _ => Err(serde::de::Error::custom("an id must be a non-empty string")),
-    }
-}
-
-/// A timestamp as RFC 3339 text or as epoch milliseconds; anything else reads as absent.
-fn opt_timestamp<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-    Ok(match Value::deserialize(deserializer)? {
-        Value::String(s) => DateTime::parse_from_rfc3339(s.trim())
-            .map(|t| t.with_timezone(&Utc))
-            .ok()
-            .or_else(|| s.trim().parse::<i64>().ok().and_then(DateTime::from_timestamp_millis)),
-        Value::Number(n) => n.as_i64().and_then(DateTime::from_timestamp_millis),
-        _ => None,
-    })
 }
 
 /// An optional nested object that reads as absent when it is not the expected shape.

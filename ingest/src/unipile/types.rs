@@ -45,7 +45,7 @@ pub struct WebhookHeader {
 /// A webhook as `GET /webhooks` lists it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Webhook {
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub id: String,
     #[serde(default, deserialize_with = "lenient::opt_string")]
     pub name: Option<String>,
@@ -87,14 +87,14 @@ pub struct NewWebhook {
 /// The answer to `POST /webhooks`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct WebhookCreated {
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub webhook_id: String,
 }
 
 /// A connected messaging account, as `GET /accounts` lists it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Account {
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub id: String,
     /// `WHATSAPP`, `LINKEDIN`, ...
     #[serde(default, rename = "type", deserialize_with = "lenient::opt_string")]
@@ -106,9 +106,9 @@ pub struct Account {
 /// A chat, as `GET /chats` lists it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Chat {
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub id: String,
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub account_id: String,
     #[serde(default, deserialize_with = "lenient::opt_string")]
     pub account_type: Option<String>,
@@ -121,7 +121,7 @@ pub struct Chat {
     #[serde(default, rename = "type", deserialize_with = "lenient::opt_i64")]
     pub chat_type: Option<i64>,
     /// Time of the chat's latest activity.
-    #[serde(default, deserialize_with = "opt_timestamp")]
+    #[serde(default, deserialize_with = "lenient::opt_timestamp")]
     pub timestamp: Option<DateTime<Utc>>,
     /// What Unipile counts as unread; the relay adopts it as is.
     #[serde(default, deserialize_with = "lenient::opt_i64")]
@@ -137,7 +137,7 @@ impl Chat {
 /// A message, as `GET /chats/{chat_id}/messages` lists it (newest first).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Message {
-    #[serde(deserialize_with = "id")]
+    #[serde(deserialize_with = "lenient::id")]
     pub id: String,
     #[serde(default, deserialize_with = "lenient::opt_string")]
     pub account_id: Option<String>,
@@ -156,7 +156,7 @@ pub struct Message {
     pub text: Option<String>,
     #[serde(default, deserialize_with = "lenient::one_or_many")]
     pub attachments: Vec<Value>,
-    #[serde(default, deserialize_with = "opt_timestamp")]
+    #[serde(default, deserialize_with = "lenient::opt_timestamp")]
     pub timestamp: Option<DateTime<Utc>>,
     #[serde(default, deserialize_with = "lenient::bool")]
     pub is_sender: bool,
@@ -188,26 +188,6 @@ fn lenient_bool_default_true<'de, D: Deserializer<'de>>(deserializer: D) -> Resu
 
 fn string_or_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     Ok(lenient::opt_string(deserializer)?.unwrap_or_default())
-}
-
-/// An identifier: a non-empty string (numbers are accepted and turned into strings).
-fn id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    match lenient::opt_string(deserializer)? {
-        Some(id) if !id.trim().is_empty() => Ok(id),
-        _ => Err(serde::de::Error::custom("an id must be a non-empty string")),
-    }
-}
-
-/// A timestamp as RFC 3339 text or epoch milliseconds; anything else reads as absent.
-fn opt_timestamp<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-    Ok(match Value::deserialize(deserializer)? {
-        Value::String(s) => DateTime::parse_from_rfc3339(s.trim())
-            .map(|t| t.with_timezone(&Utc))
-            .ok()
-            .or_else(|| s.trim().parse::<i64>().ok().and_then(DateTime::from_timestamp_millis)),
-        Value::Number(n) => n.as_i64().and_then(DateTime::from_timestamp_millis),
-        _ => None,
-    })
 }
 
 #[cfg(test)]
