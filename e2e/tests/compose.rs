@@ -10,7 +10,7 @@
 //! Other tests check the shape the issue asks for: JetStream on, monitoring port, no
 //! fixed fanout port, health-gated start order, profiles, and the gateway routes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
@@ -147,130 +147,37 @@ fn compose_runs_only_binaries_and_subcommands_that_exist() {
     }
 }
 
-#[test]
-fn ingest_service_parses_with_ingest_own_configuration() {
+/// Parses every compose service that runs `binary` with the binary's own clap
+/// configuration (environment fallbacks off, so the compose file must name everything
+/// that is required); returns how many services were checked.
+fn check_services_of(binary: &str, root: fn() -> clap::Command) -> usize {
     let services = relay_services();
-    let ingest_root = ingest::config::Cli::command();
     let mut checked = 0;
-    for (name, service) in services.iter().filter(|(_, s)| strings(s.get("command"))[0] == "ingest") {
+    for (name, service) in services.iter().filter(|(_, s)| strings(s.get("command"))[0] == binary) {
         let command = strings(service.get("command"));
-        let sub = subcommand(&ingest_root, &command[1]);
-        let argv = argv_with_env(name, service, sub);
-        if let Err(error) =
-            without_env(ingest::config::Cli::command(), &command[1]).try_get_matches_from(&argv)
-        {
-            panic!("service {name}: ingest refuses {argv:?}:\n{error}");
+        let full = root();
+        let argv = argv_with_env(name, service, subcommand(&full, &command[1]));
+        if let Err(error) = without_env(root(), &command[1]).try_get_matches_from(&argv) {
+            panic!("service {name}: {binary} refuses {argv:?}:\n{error}");
         }
         checked += 1;
     }
-    assert_eq!(checked, 1, "one ingest service");
+    checked
+}
+
+#[test]
+fn ingest_service_parses_with_ingest_own_configuration() {
+    assert_eq!(check_services_of("ingest", ingest::config::Cli::command), 1, "one ingest service");
 }
 
 #[test]
 fn fanout_service_parses_with_fanout_own_configuration() {
-    let services = relay_services();
-    let fanout_root = fanout::config::Cli::command();
-    let mut checked = 0;
-    for (name, service) in services.iter().filter(|(_, s)| strings(s.get("command"))[0] == "fanout") {
-        let command = strings(service.get("command"));
-        let sub = subcommand(&fanout_root, &command[1]);
-        let argv = argv_with_env(name, service, sub);
-        if let Err(error) =
-            without_env(fanout::config::Cli::command(), &command[1]).try_get_matches_from(&argv)
-        {
-            panic!("service {name}: fanout refuses {argv:?}:\n{error}");
-        }
-        checked += 1;
-    }
-    assert_eq!(checked, 1, "one fanout service");
-}
-
-/// Flags, variables and required flags of a subcommand, read from its `--help`.
-struct Help {
-    longs: BTreeSet<String>,
-    envs: BTreeMap<String, String>,
-    required: BTreeSet<String>,
-}
-
-fn help_of(binary: &Path, subcommand: &str) -> Help {
-    let output = std::process::Command::new(binary)
-        .args([subcommand, "--help"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
-    assert!(output.status.success(), "{} {subcommand} --help failed", binary.display());
-    let text = String::from_utf8(output.stdout).unwrap();
-    let (mut longs, mut envs, mut required) = (BTreeSet::new(), BTreeMap::new(), BTreeSet::new());
-    let mut current = None;
-    for line in text.lines() {
-        let trimmed = line.trim_start();
-        if let Some(usage) = trimmed.strip_prefix("Usage:") {
-            // Flags outside [..] in the usage line are required.
-            let mut depth = 0i32;
-            for token in usage.split_whitespace() {
-                depth += token.matches('[').count() as i32;
-                if depth == 0 && token.starts_with("--") {
-                    required.insert(token.trim_start_matches('-').to_owned());
-                }
-                depth -= token.matches(']').count() as i32;
-            }
-        }
-        if trimmed.starts_with('-')
-            && let Some(long) = trimmed.split_whitespace().find_map(|t| t.strip_prefix("--"))
-        {
-            let long = long.split(['=', ',', ' ']).next().unwrap().to_owned();
-            longs.insert(long.clone());
-            current = Some(long);
-        }
-        if let (Some(start), Some(long)) = (line.find("[env: "), current.as_ref()) {
-            let name = line[start + 6..].split(['=', ']']).next().unwrap().to_owned();
-            envs.insert(name, long.clone());
-        }
-    }
-    Help { longs, envs, required }
-}
-
-/// The workspace's built binaries sit beside this test's own directory (target/<profile>).
-fn built_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; `cargo nextest run --workspace` builds it (or run `cargo build -p {name}`)",
-        path.display()
-    );
-    path
+    assert_eq!(check_services_of("fanout", fanout::config::Cli::command), 1, "one fanout service");
 }
 
 #[test]
 fn simulator_service_uses_only_flags_and_variables_loadgen_accepts() {
-    let services = relay_services();
-    let loadgen = built_binary("loadgen");
-    let mut checked = 0;
-    for (name, service) in services.iter().filter(|(_, s)| strings(s.get("command"))[0] == "loadgen") {
-        let command = strings(service.get("command"));
-        let help = help_of(&loadgen, &command[1]);
-        let mut given: BTreeSet<String> = BTreeSet::new();
-        for token in command.iter().skip(2).filter(|t| t.starts_with("--")) {
-            let long = token.trim_start_matches('-').split('=').next().unwrap().to_owned();
-            assert!(help.longs.contains(&long), "service {name}: loadgen {} has no --{long}", command[1]);
-            given.insert(long);
-        }
-        for var in environment(service).keys().filter(|v| !NON_CLAP_ENV.contains(&v.as_str())) {
-            let long = help.envs.get(var).unwrap_or_else(|| {
-                panic!(
-                    "service {name}: loadgen {} does not read {var} (it reads {:?})",
-                    command[1], help.envs
-                )
-            });
-            given.insert(long.clone());
-        }
-        for long in &help.required {
-            assert!(given.contains(long), "service {name}: loadgen {} needs --{long}", command[1]);
-        }
-        checked += 1;
-    }
-    assert_eq!(checked, 1, "one simulator service");
+    assert_eq!(check_services_of("loadgen", loadgen::Cli::command), 1, "one simulator service");
 }
 
 #[test]

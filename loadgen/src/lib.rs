@@ -1,0 +1,52 @@
+//! `loadgen`: drives load at a running relay and reports what it measured.
+//!
+//! Modes (each is a subcommand; `loadgen <mode> --help` lists its options):
+//! - `webhooks`: realistic Unipile webhooks at a target rate against ingest, open loop
+//!   (the schedule never waits for slow answers); reports achieved rate, status counts
+//!   and ack latency percentiles.
+//! - `simulate`: believable demo traffic for the live inbox page, about one delivery a
+//!   second, until `--duration` or Ctrl-C.
+//! - `idle`: many idle WebSocket connections to one fanout replica, spread over several
+//!   loopback source addresses; reports fanout's resident memory per connection.
+//! - `broadcast`: events published straight to NATS at a fixed rate, fanned out to many
+//!   WebSocket clients; reports events/s in, frames/s out and delivery latency.
+//!
+//! Every run is bounded in count and time and targets only the address it is given.
+
+pub mod broadcast;
+pub mod idle;
+pub mod report;
+pub mod simulate;
+pub mod webhooks;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "loadgen", version, about = "Load generator for the Unipile realtime relay")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Hold many idle WebSocket connections to fanout; report its memory per connection.
+    Idle(idle::Args),
+    /// Publish events to NATS and measure their fan-out to many WebSocket clients.
+    Broadcast(broadcast::Args),
+    /// Post realistic message_received webhooks to ingest at a fixed rate.
+    Webhooks(webhooks::Args),
+    /// Believable inbox traffic (several accounts and providers, replies, reactions,
+    /// edits, deletions) at a gentle rate, until --duration or Ctrl-C.
+    Simulate(simulate::Args),
+}
+
+/// Runs the chosen mode to its end.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Idle(args) => idle::run(args).await,
+        Command::Broadcast(args) => broadcast::run(args).await,
+        Command::Webhooks(args) => webhooks::run(args).await,
+        Command::Simulate(args) => simulate::run(args).await,
+    }
+}
