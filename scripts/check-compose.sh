@@ -4,7 +4,7 @@
 #     `docker-compose`), which parses and validates the file without the engine;
 #  2. mechanically against the binaries: the e2e `compose` test turns every relay
 #     service's command and environment into the argument list its binary would see and
-#     parses it with that binary's own clap definition (loadgen: its --help), and checks
+#     parses it with that binary's own clap definition, and checks
 #     ports, health-gated start order, profiles and the gateway routes.
 # The second step also runs in `cargo nextest run --workspace`.
 set -euo pipefail
@@ -20,5 +20,4 @@ else
   echo "no Compose CLI installed: skipping its validation; the mechanical check still runs"
 fi
 
-cargo build -q -p loadgen
 cargo test -q -p e2e --test compose
