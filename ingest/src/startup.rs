@@ -35,8 +35,8 @@ pub struct Application {
     state: AppState,
     /// Batch writers and the outbox relay.
     tasks: JoinSet<anyhow::Result<()>>,
-    /// Stops the relay after the HTTP server has drained.
-    stop_relay: CancellationToken,
+    /// Stops the relay (and metrics upkeep) after the HTTP server has drained.
+    stop_background: CancellationToken,
 }
 
 impl Application {
@@ -47,8 +47,13 @@ impl Application {
         let js = async_nats::jetstream::new(nats.clone());
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(async {
-            shared::telemetry::metrics_upkeep().await;
+        let stop_background = CancellationToken::new();
+        let stop_upkeep = stop_background.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shared::telemetry::metrics_upkeep() => {},
+                _ = stop_upkeep.cancelled() => {},
+            }
             Ok(())
         });
         let wake_relay = Arc::new(Notify::new());
@@ -61,9 +66,8 @@ impl Application {
             max_age: Duration::from_secs(config.outbox.stream_max_age_secs),
             duplicate_window: Duration::from_secs(config.outbox.stream_duplicate_window_secs),
         };
-        let stop_relay = CancellationToken::new();
         let relay = Relay::new(db.clone(), js, stream, config.outbox.clone(), wake_relay);
-        tasks.spawn(relay.run(stop_relay.clone()));
+        tasks.spawn(relay.run(stop_background.clone()));
         // Webhook registration and the optional history catch-up: they retry while
         // Unipile is away and end when done, so they run beside the supervised tasks.
         crate::unipile::spawn_start_up_tasks(&config, db.clone());
@@ -79,7 +83,7 @@ impl Application {
         let router = router(state.clone(), &config);
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        Ok(Self { listener, router, state, tasks, stop_relay })
+        Ok(Self { listener, router, state, tasks, stop_background })
     }
 
     pub fn port(&self) -> u16 {
@@ -97,7 +101,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Self { listener, router, state, mut tasks, stop_relay } = self;
+        let Self { listener, router, state, mut tasks, stop_background } = self;
         let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
         tokio::select! {
             served = server => served.context("HTTP server failed")?,
@@ -114,7 +118,7 @@ impl Application {
         // The server has stopped: no new writes. Dropping the last batcher handle
         // lets the writers finish the queue and exit; then the relay publishes.
         drop(state);
-        stop_relay.cancel();
+        stop_background.cancel();
         match tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(done) = tasks.join_next().await {
                 if let Ok(Err(e)) = done {

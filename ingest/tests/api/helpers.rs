@@ -244,13 +244,14 @@ impl TestApp {
         events
     }
 
-    /// Stops the server gracefully and waits for it.
-    pub async fn stop(&mut self) {
+    /// Stops the server gracefully; `true` when it finished within `within`, cleanly.
+    pub async fn stop(&mut self, within: Duration) -> bool {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(server) = self.server.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+        match self.server.take() {
+            Some(server) => matches!(tokio::time::timeout(within, server).await, Ok(Ok(Ok(())))),
+            None => true,
         }
     }
 }

@@ -61,3 +61,12 @@ async fn health_readiness_and_metrics_answer() {
     assert!(metrics.contains("webhooks_total"), "{metrics}");
     assert!(metrics.contains("webhook_ack_seconds"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_graceful_stop_finishes_promptly_after_answering_what_it_took() {
+    let mut app = spawn_app().await;
+    app.post_message_expect(&crate::helpers::message_received("acc_stop", "chat_stop", false), "accepted")
+        .await;
+    assert!(app.stop(std::time::Duration::from_secs(5)).await, "ingest did not stop within 5 s");
+    assert_eq!(app.count("select count(*) from messages").await, 1);
+}
