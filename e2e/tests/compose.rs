@@ -270,3 +270,34 @@ fn interpolation_takes_defaults() {
     assert_eq!(interpolate("a${X:-b}c${Y-d}"), "abcd");
     assert_eq!(interpolate("${X}"), "set-by-operator");
 }
+
+/// Every variable the services read, by the services' own clap definitions.
+fn variables_read_by(root: clap::Command, subcommand_name: &str) -> BTreeMap<String, String> {
+    subcommand(&root, subcommand_name)
+        .get_arguments()
+        .filter_map(|arg| {
+            let env = arg.get_env()?.to_str()?.to_owned();
+            Some((env, arg.get_long().unwrap_or_default().to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn env_example_documents_exactly_the_variables_the_services_read() {
+    let text = std::fs::read_to_string(repo_file(".env.example")).expect(".env.example");
+    let documented: BTreeMap<String, String> = text
+        .lines()
+        .map(|line| line.trim().trim_start_matches('#').trim())
+        .filter_map(|line| line.split_once('='))
+        .filter(|(name, _)| !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+    let mut read = variables_read_by(ingest::config::Cli::command(), "serve");
+    read.extend(variables_read_by(fanout::config::Cli::command(), "serve"));
+    for variable in read.keys() {
+        assert!(documented.contains_key(variable), ".env.example does not document {variable}");
+    }
+    for variable in documented.keys().filter(|v| !NON_CLAP_ENV.contains(&v.as_str())) {
+        assert!(read.contains_key(variable), ".env.example names {variable}, which no service reads");
+    }
+}
