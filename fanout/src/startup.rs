@@ -116,8 +116,8 @@ impl Application {
             }
             .instrument(tracing::info_span!("http_server")),
         );
-        let follower = tokio::spawn(follower.run().instrument(tracing::info_span!("follower")));
-        let upkeep = tokio::spawn(
+        let mut follower = tokio::spawn(follower.run().instrument(tracing::info_span!("follower")));
+        let mut upkeep = tokio::spawn(
             shared::telemetry::metrics_upkeep().instrument(tracing::info_span!("metrics_upkeep")),
         );
 
@@ -127,9 +127,13 @@ impl Application {
                 Ok(Err(error)) => Err(error),
                 Err(join) => Err(anyhow::anyhow!("HTTP server task died: {join}")),
             },
-            result = follower => Err(anyhow::anyhow!("follower task stopped: {:?}", result.map(|r| r.err()))),
-            result = upkeep => Err(anyhow::anyhow!("metrics upkeep task stopped: {result:?}")),
+            result = &mut follower => Err(anyhow::anyhow!("follower task stopped: {:?}", result.map(|r| r.err()))),
+            result = &mut upkeep => Err(anyhow::anyhow!("metrics upkeep task stopped: {result:?}")),
         };
+        // A stopped replica follows nothing: in a test process (or any embedder) the
+        // follower would otherwise go on, and recreate a stream deleted after it.
+        follower.abort();
+        upkeep.abort();
         if let Err(error) = &outcome {
             tracing::error!(error = format!("{error:#}"), "a long-lived task died; stopping");
         }
