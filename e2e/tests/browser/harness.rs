@@ -13,10 +13,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use shared::claims::JwtKeys;
-use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
+
+pub use testkit::nats_url;
+use testkit::{create_database, drop_database};
 
 pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
 pub const JWT_SECRET: &str = "e2e-jwt-secret";
@@ -34,25 +36,6 @@ const CHROMIUM_FLAGS: &[&str] = &[
     "--disable-dev-shm-usage",
     "--window-size=1280,800",
 ];
-
-pub fn nats_url() -> String {
-    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
-fn admin_database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-async fn create_database() -> (String, String) {
-    let admin = admin_database_url();
-    let mut conn = PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must be running at {admin} (set DATABASE_URL): {e}"));
-    let name = format!("test_e2e_{}", Uuid::new_v4().simple());
-    conn.execute(format!(r#"create database "{name}""#).as_str()).await.expect("create test database");
-    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database name");
-    (format!("{base}/{name}"), name)
-}
 
 /// A server running in this process until [`Server::stop`].
 struct Server {
@@ -106,7 +89,7 @@ pub struct Relay {
     pub jwt: JwtKeys,
     pub stream_name: String,
     pub prefix: String,
-    database: String,
+    database_url: String,
     ingest: Server,
     fanout: Server,
     client: reqwest::Client,
@@ -119,7 +102,7 @@ impl Relay {
         let prefix = format!("e2e{id}.events");
         // fanout first: ingest's CORS must allow the page's origin.
         let (fanout, fanout_port) = start_fanout(0, &stream_name, &prefix).await;
-        let (database_url, database) = create_database().await;
+        let database_url = create_database("e2e").await;
         let args = [
             "ingest".to_owned(),
             "--listen=127.0.0.1:0".to_owned(),
@@ -146,7 +129,7 @@ impl Relay {
             jwt: JwtKeys::new(&SecretString::from(JWT_SECRET)),
             stream_name,
             prefix,
-            database,
+            database_url,
             ingest,
             fanout,
             client: reqwest::Client::new(),
@@ -230,11 +213,7 @@ impl Relay {
         if let Ok(client) = async_nats_connect().await {
             let _ = async_nats::jetstream::new(client).delete_stream(&self.stream_name).await;
         }
-        if let Ok(mut conn) = PgConnection::connect(&admin_database_url()).await {
-            let _ = conn
-                .execute(format!(r#"drop database if exists "{}" with (force)"#, self.database).as_str())
-                .await;
-        }
+        drop_database(&self.database_url).await;
     }
 }
 

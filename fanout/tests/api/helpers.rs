@@ -3,8 +3,7 @@
 //! a user would see.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use shared::claims::{Claims, JwtKeys};
 use shared::config::{LogFormat, NatsArgs, TelemetryArgs};
 use shared::envelope::{Envelope, EventType};
 use shared::subjects::Subjects;
+pub use testkit::nats_url;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -27,10 +27,6 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub const SECRET: &str = "fanout-test-secret";
 /// How long any single expectation may take.
 pub const WAIT: Duration = Duration::from_secs(15);
-
-pub fn nats_url() -> String {
-    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
 
 pub fn keys() -> JwtKeys {
     JwtKeys::new(&SecretString::from(SECRET))
@@ -369,57 +365,4 @@ pub fn expired_token() -> String {
         exp: chrono::Utc::now().timestamp() - 60,
         accounts: vec!["*".into()],
     })
-}
-
-/// A nats-server of the test's own (JetStream, file store), to stop and restart.
-pub struct OwnNats {
-    pub port: u16,
-    store: PathBuf,
-    child: Option<Child>,
-}
-
-impl OwnNats {
-    pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let store = std::env::temp_dir().join(format!("fanout-test-nats-{}", uuid::Uuid::new_v4().simple()));
-        let mut nats = Self { port, store, child: None };
-        nats.resume().await;
-        nats
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and store.
-    pub async fn resume(&mut self) {
-        let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".into());
-        let child = Command::new(&binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary} (set NATS_SERVER_BIN): {e}"));
-        self.child = Some(child);
-        let port = self.port;
-        wait_until("nats-server to accept connections", || async move {
-            TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
-        .await;
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnNats {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.store);
-    }
 }

@@ -3,11 +3,12 @@
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::helpers::{Events, OwnNats, config, spawn, spawn_app, token};
+use crate::helpers::{Events, config, spawn, spawn_app, token};
+use testkit::NatsServer;
 
 #[tokio::test]
 async fn after_nats_restarts_live_events_flow_again_to_clients_still_connected() {
-    let mut nats = OwnNats::start().await;
+    let mut nats = NatsServer::start().await;
     let events = Events::new(&nats.url()).await;
     let app = spawn(config(&nats.url(), &events), events).await;
     let (mut client, _) = app.connect_hello(&token(&["*"]), None).await;
@@ -16,7 +17,7 @@ async fn after_nats_restarts_live_events_flow_again_to_clients_still_connected()
 
     nats.stop();
     app.wait_ready(false).await;
-    nats.resume().await;
+    nats.restart().await;
     app.wait_ready(true).await;
 
     let after = app.events.publish("acc_a", Some("c"), json!({})).await;

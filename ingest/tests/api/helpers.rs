@@ -1,6 +1,5 @@
 //! Test harness: a real ingest on a free port, a fresh database, an isolated stream.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -13,9 +12,11 @@ use serde_json::Value;
 use shared::claims::JwtKeys;
 use shared::envelope::Envelope;
 use shared::subjects::Subjects;
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::oneshot;
 use uuid::Uuid;
+
+pub use testkit::{NatsServer, admin_database_url, create_database, drop_database, nats_url};
 
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
 pub const JWT_SECRET: &str = "test-jwt-secret";
@@ -52,27 +53,6 @@ impl Default for Options {
     }
 }
 
-pub fn nats_url() -> String {
-    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
-/// The PostgreSQL server's maintenance database, where test databases are created.
-pub fn admin_database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// Creates an empty database with a unique name; returns its URL.
-pub async fn create_database() -> String {
-    let admin = admin_database_url();
-    let mut conn = PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must be running at {admin} (set DATABASE_URL): {e}"));
-    let name = format!("test_ingest_{}", Uuid::new_v4().simple());
-    conn.execute(format!(r#"create database "{name}""#).as_str()).await.expect("create test database");
-    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database name");
-    format!("{base}/{name}")
-}
-
 fn with_port(url: &str, port: Option<u16>) -> String {
     let Some(port) = port else {
         return url.to_owned();
@@ -93,7 +73,7 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
-    let database_url = create_database().await;
+    let database_url = create_database("ingest").await;
     let id = Uuid::new_v4().simple().to_string();
     let stream_name = format!("TEST_{id}");
     let prefix = format!("test{id}.events");
@@ -275,67 +255,6 @@ impl Drop for TestApp {
             });
         });
         let _ = cleanup.join();
-    }
-}
-
-/// Drops a test database, closing whatever connections still use it.
-pub async fn drop_database(database_url: &str) {
-    let Some((_, name)) = database_url.rsplit_once('/') else { return };
-    if let Ok(mut conn) = PgConnection::connect(&admin_database_url()).await {
-        let _ = conn.execute(format!(r#"drop database if exists "{name}" with (force)"#).as_str()).await;
-    }
-}
-
-/// A private nats-server on a free port, so a test can stop and restart it.
-pub struct NatsServer {
-    pub port: u16,
-    store: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl NatsServer {
-    pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let store = std::env::temp_dir().join(format!("nats-test-{}", Uuid::new_v4().simple()));
-        let mut server = Self { port, store, child: None };
-        server.restart().await;
-        server
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again) on the same port and store; waits until it listens.
-    pub async fn restart(&mut self) {
-        let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
-        let child = Command::new(&binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {binary} (set NATS_SERVER_BIN): {e}"));
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.store);
     }
 }
 

@@ -106,7 +106,7 @@ async fn unipile_command_webhooks_ensure_creates_then_reuses() {
 async fn unipile_command_webhooks_ensure_takes_the_lock_when_given_a_database() {
     let fake = FakeUnipile::start().await;
     let dsn = fake.dsn();
-    let database_url = create_database().await;
+    let database_url = create_database("ingest").await;
     let env = [
         ("UNIPILE_DSN", dsn.as_str()),
         ("UNIPILE_API_KEY", API_KEY),
@@ -189,7 +189,7 @@ async fn unipile_command_sync_backfills_and_a_rerun_stores_nothing() {
     let fake = FakeUnipile::start().await;
     fake.serve_history().await;
     let dsn = fake.dsn();
-    let database_url = create_database().await;
+    let database_url = create_database("ingest").await;
     let env = [
         ("UNIPILE_DSN", dsn.as_str()),
         ("UNIPILE_API_KEY", API_KEY),

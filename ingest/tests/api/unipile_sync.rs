@@ -12,7 +12,7 @@ use crate::helpers::create_database;
 use crate::unipile_fake::{ACCOUNT_ID, CHAT_ID, FakeUnipile, GROUP_CHAT_ID};
 
 async fn migrated_database() -> (PgPool, String) {
-    let url = create_database().await;
+    let url = create_database("ingest").await;
     let pool = PgPool::connect(&url).await.expect("connect to the test database");
     ingest::startup::MIGRATOR.run(&pool).await.expect("migrations apply");
     (pool, url)

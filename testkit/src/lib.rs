@@ -1,0 +1,102 @@
+//! Test support for the workspace's integration tests (a dev-dependency only).
+//!
+//! The tests talk to the real services the machine has: PostgreSQL (`DATABASE_URL`,
+//! default `postgres://postgres@127.0.0.1:5432/postgres`) and NATS with JetStream
+//! (`NATS_URL`, default `nats://127.0.0.1:4222`). A test that needs them fails with a
+//! message naming the variable when one is missing; none skips itself.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sqlx::{Connection, Executor, PgConnection};
+use uuid::Uuid;
+
+/// The NATS server the tests use.
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// The PostgreSQL server's maintenance database, where test databases are created.
+pub fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Creates an empty database named `test_{label}_{uuid}`; returns its URL.
+pub async fn create_database(label: &str) -> String {
+    let admin = admin_database_url();
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL must be running at {admin} (set DATABASE_URL): {e}"));
+    let name = format!("test_{label}_{}", Uuid::new_v4().simple());
+    conn.execute(format!(r#"create database "{name}""#).as_str()).await.expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database name");
+    format!("{base}/{name}")
+}
+
+/// Drops a database made by [`create_database`], closing whatever still uses it.
+pub async fn drop_database(database_url: &str) {
+    let Some((_, name)) = database_url.rsplit_once('/') else { return };
+    if let Ok(mut conn) = PgConnection::connect(&admin_database_url()).await {
+        let _ = conn.execute(format!(r#"drop database if exists "{name}" with (force)"#).as_str()).await;
+    }
+}
+
+/// A nats-server of the test's own (JetStream, file store) on a free port, so a test can
+/// stop and restart it. `NATS_SERVER_BIN` names the binary (default `/usr/sbin/nats-server`).
+pub struct NatsServer {
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let store = std::env::temp_dir().join(format!("nats-test-{}", Uuid::new_v4().simple()));
+        let mut server = Self { port, store, child: None };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on the same port and store; waits until it listens.
+    pub async fn restart(&mut self) {
+        let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {binary} (set NATS_SERVER_BIN): {e}"));
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not start on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the server (its store stays, for [`NatsServer::restart`]).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
