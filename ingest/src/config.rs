@@ -146,6 +146,10 @@ pub struct ServeConfig {
     /// registration at start-up.
     #[arg(long, env = "WEBHOOK_BASE_URL")]
     pub webhook_base_url: Option<String>,
+    /// Longest a request may take before it is answered 408. Unipile gives up on a
+    /// webhook after 30 s, so the default answers before that.
+    #[arg(long, env = "INGEST_REQUEST_TIMEOUT_SECS", default_value_t = 25)]
+    pub request_timeout_secs: u64,
     /// Largest webhook body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "WEBHOOK_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub webhook_max_body_bytes: usize,

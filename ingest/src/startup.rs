@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::ServeConfig;
@@ -149,6 +150,10 @@ fn router(state: AppState, config: &ServeConfig) -> Router {
         .merge(webhooks::router(state.clone(), config.webhook_max_body_bytes))
         .merge(health::router())
         .merge(api::router().layer(api::cors(&config.cors_origins)))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(config.request_timeout_secs),
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

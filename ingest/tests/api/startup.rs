@@ -70,3 +70,31 @@ async fn a_graceful_stop_finishes_promptly_after_answering_what_it_took() {
     assert!(app.stop(std::time::Duration::from_secs(5)).await, "ingest did not stop within 5 s");
     assert_eq!(app.count("select count(*) from messages").await, 1);
 }
+
+#[tokio::test]
+async fn a_request_that_stalls_is_answered_408_at_the_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = crate::helpers::spawn_app_with(crate::helpers::Options {
+        extra_args: vec!["--request-timeout-secs=1".to_owned()],
+        ..Default::default()
+    })
+    .await;
+    // Headers promise 100 bytes of body; only 10 come.
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let head = format!(
+        "POST /api/webhooks/unipile/messages HTTP/1.1\r\nHost: x\r\nUnipile-Auth: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"event\":",
+        crate::helpers::WEBHOOK_SECRET
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut answer))
+        .await
+        .expect("answered before the client gave up")
+        .unwrap();
+    let status_line = String::from_utf8_lossy(&answer[..read]);
+    assert!(status_line.starts_with("HTTP/1.1 408"), "{status_line}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "not before the timeout");
+    assert_eq!(app.count("select count(*) from dead_letters").await, 0);
+}
