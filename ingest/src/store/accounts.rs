@@ -12,8 +12,7 @@ use shared::unipile::AccountStatusDelivery;
 use sqlx::{Postgres, Transaction};
 use utoipa::ToSchema;
 
-use super::Outcome;
-use super::updates::Applied;
+use super::{Outcome, Written};
 
 /// One account's new status.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,10 +54,10 @@ pub struct AccountRecord {
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     changes: &[&StatusChange],
-) -> Result<Vec<Applied>, sqlx::Error> {
+) -> Result<Vec<Written>, sqlx::Error> {
     let mut order: Vec<usize> = (0..changes.len()).collect();
     order.sort_by(|&a, &b| changes[a].account_id.cmp(&changes[b].account_id));
-    let mut results: Vec<Option<Applied>> = (0..changes.len()).map(|_| None).collect();
+    let mut results: Vec<Option<Written>> = (0..changes.len()).map(|_| None).collect();
     for i in order {
         let change = changes[i];
         let updated: Option<AccountRecord> = sqlx::query_as(
@@ -79,7 +78,7 @@ pub async fn apply(
         .fetch_optional(&mut **tx)
         .await?;
         results[i] = Some(match updated {
-            Some(account) => Applied {
+            Some(account) => Written {
                 outcome: Outcome::Accepted,
                 event: Some(Envelope::new(
                     EventType::AccountStatus,
@@ -89,7 +88,7 @@ pub async fn apply(
                     json!({ "account": account }),
                 )),
             },
-            None => Applied { outcome: Outcome::Duplicate, event: None },
+            None => Written { outcome: Outcome::Duplicate, event: None },
         });
     }
     Ok(results.into_iter().map(|r| r.expect("every change was applied")).collect())

@@ -8,9 +8,8 @@ use serde_json::json;
 use shared::envelope::{Envelope, EventType};
 use sqlx::{Postgres, Transaction};
 
-use super::Outcome;
-use super::updates::Applied;
 use super::views::{CHAT_COLUMNS, ChatRecord};
+use super::{Outcome, Written};
 
 /// A chat to mark read (its scope is checked by the caller).
 #[derive(Debug, Clone, PartialEq)]
@@ -22,10 +21,10 @@ pub struct MarkRead {
 pub async fn mark_read(
     tx: &mut Transaction<'_, Postgres>,
     reads: &[&MarkRead],
-) -> Result<Vec<Applied>, sqlx::Error> {
+) -> Result<Vec<Written>, sqlx::Error> {
     let mut order: Vec<usize> = (0..reads.len()).collect();
     order.sort_by(|&a, &b| reads[a].chat_id.cmp(&reads[b].chat_id));
-    let mut results: Vec<Option<Applied>> = (0..reads.len()).map(|_| None).collect();
+    let mut results: Vec<Option<Written>> = (0..reads.len()).map(|_| None).collect();
     for i in order {
         let chat: Option<ChatRecord> = sqlx::query_as(&format!(
             "update chats c set unread_count = 0, updated_at = now()
@@ -36,7 +35,7 @@ pub async fn mark_read(
         .fetch_optional(&mut **tx)
         .await?;
         results[i] = Some(match chat {
-            Some(chat) => Applied {
+            Some(chat) => Written {
                 outcome: Outcome::Accepted,
                 event: Some(Envelope::new(
                     EventType::ChatRead,
@@ -46,7 +45,7 @@ pub async fn mark_read(
                     json!({ "chat": chat }),
                 )),
             },
-            None => Applied { outcome: Outcome::Duplicate, event: None },
+            None => Written { outcome: Outcome::Duplicate, event: None },
         });
     }
     Ok(results.into_iter().map(|r| r.expect("every read was applied")).collect())

@@ -13,7 +13,7 @@ use shared::envelope::{ChatView, Envelope, EventType, MessageView, SenderView};
 use shared::unipile::{Attendee, MessagingEvent};
 use sqlx::{Postgres, Transaction};
 
-use super::Outcome;
+use super::{Outcome, Written};
 
 /// How long a chat's last-message preview may be, in characters.
 pub(crate) const PREVIEW_CHARS: usize = 160;
@@ -108,14 +108,6 @@ pub fn sender_view(a: &Attendee) -> SenderView {
     }
 }
 
-/// The result for one message of a batch.
-#[derive(Debug)]
-pub struct Inserted {
-    pub outcome: Outcome,
-    /// The `message:new` event, for live messages that were new.
-    pub event: Option<Envelope>,
-}
-
 /// Stores `messages` in the caller's transaction; returns one result per message, in order.
 ///
 /// A message id seen before (in the database or earlier in the same slice) is a
@@ -124,7 +116,7 @@ pub struct Inserted {
 pub async fn insert(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[&NewMessage],
-) -> Result<Vec<Inserted>, sqlx::Error> {
+) -> Result<Vec<Written>, sqlx::Error> {
     if messages.is_empty() {
         return Ok(Vec::new());
     }
@@ -144,7 +136,7 @@ pub async fn insert(
     // messages of this batch that come after it.
     let mut unread_after: HashMap<&str, i64> =
         chats.iter().map(|(id, c)| (id.as_str(), c.unread_count)).collect();
-    let mut results: Vec<Inserted> = Vec::with_capacity(messages.len());
+    let mut results: Vec<Written> = Vec::with_capacity(messages.len());
     for (m, &is_new) in messages.iter().zip(&stored).rev() {
         let outcome = if is_new { Outcome::Accepted } else { Outcome::Duplicate };
         let event = (is_new && m.live).then(|| {
@@ -166,7 +158,7 @@ pub async fn insert(
                 json!({ "message": MessageView { text: new_ids[&m.message_id].clone(), ..m.view() }, "chat": view }),
             )
         });
-        results.push(Inserted { outcome, event });
+        results.push(Written { outcome, event });
     }
     results.reverse();
     Ok(results)

@@ -28,6 +28,13 @@ pub enum Outcome {
     Ignored,
 }
 
+/// What one write of a batch did, and the event it emits (if any) for the outbox.
+#[derive(Debug)]
+pub struct Written {
+    pub outcome: Outcome,
+    pub event: Option<shared::envelope::Envelope>,
+}
+
 /// One delivery's worth of writes.
 #[derive(Debug, Clone)]
 pub enum Write {

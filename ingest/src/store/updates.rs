@@ -31,9 +31,9 @@ use shared::envelope::{Envelope, EventType};
 use shared::unipile::{MessagingEvent, MessagingEventKind};
 use sqlx::{Postgres, Transaction};
 
-use super::Outcome;
 use super::messages::{NewMessage, PREVIEW_CHARS, sender_view};
 use super::views::{MESSAGE_COLUMNS, MessageRow, Person, Reaction};
+use super::{Outcome, Written};
 
 /// What happened to a message.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,18 +88,11 @@ impl MessageUpdate {
     }
 }
 
-/// The result of one write of a batch.
-#[derive(Debug)]
-pub struct Applied {
-    pub outcome: Outcome,
-    pub event: Option<Envelope>,
-}
-
 /// Applies `updates` in order inside the caller's transaction; one result per update.
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     updates: &[&MessageUpdate],
-) -> Result<Vec<Applied>, sqlx::Error> {
+) -> Result<Vec<Written>, sqlx::Error> {
     if updates.is_empty() {
         return Ok(Vec::new());
     }
@@ -112,7 +105,7 @@ pub async fn apply(
     for update in updates {
         let Some(row) = rows.get_mut(&update.message.message_id) else {
             // Inserted or found above, under lock: cannot be missing.
-            results.push(Applied { outcome: Outcome::Ignored, event: None });
+            results.push(Written { outcome: Outcome::Ignored, event: None });
             continue;
         };
         let (outcome, event) = change(row, update);
@@ -127,7 +120,7 @@ pub async fn apply(
             data["message"] = json!(row.record());
             Envelope::new(event_type, row.account_id.clone(), Some(row.chat_id.clone()), update.at, data)
         });
-        results.push(Applied { outcome, event });
+        results.push(Written { outcome, event });
     }
     let changed: Vec<&MessageRow> = dirty.iter().map(|id| &rows[id]).collect();
     write_back(tx, &changed).await?;
