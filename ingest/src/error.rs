@@ -16,8 +16,8 @@ pub enum ApiError {
     NotFound,
     #[error("{0}")]
     BadRequest(String),
-    #[error("request body is larger than {0} bytes")]
-    PayloadTooLarge(usize),
+    #[error("request body is over the size limit")]
+    PayloadTooLarge,
     /// The relay cannot save right now (database down, writers saturated): retry later.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
@@ -33,7 +33,7 @@ impl ApiError {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Database(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -133,7 +133,7 @@ where
     let started = Instant::now();
     let result = async {
         let body = body.map_err(|rejection| match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(0),
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
             _ => ApiError::BadRequest(rejection.body_text()),
         })?;
         let decision = match serde_json::from_slice::<Value>(&body) {
@@ -153,7 +153,7 @@ where
     .await;
     let outcome = match &result {
         Ok(status) => status.as_str(),
-        Err(ApiError::PayloadTooLarge(_)) => "too_large",
+        Err(ApiError::PayloadTooLarge) => "too_large",
         Err(ApiError::BadRequest(_)) => "bad_request",
         Err(_) => "unavailable",
     };
