@@ -21,7 +21,7 @@ use shared::envelope::{Envelope, EventType};
 use shared::subjects::Subjects;
 
 use crate::idle::{Counters, Target, connect_many};
-use crate::report;
+use crate::report::{self, CpuTime};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -45,6 +45,12 @@ pub struct Args {
     /// Padding added to each event's data, in bytes.
     #[arg(long, default_value_t = 200)]
     payload_bytes: usize,
+    /// fanout's process id, to report its CPU time per frame out.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Seconds to wait before publishing, once every connection is open.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
     /// Seconds to wait for the last deliveries after publishing ends.
     #[arg(long, default_value_t = 10)]
     drain: u64,
@@ -125,7 +131,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let failed_publishes = Arc::new(AtomicU64::new(0));
     let mut acks = tokio::task::JoinSet::new();
+    // Let both sides settle after the connection wave, so the first event measures
+    // fan-out, not the tail of the handshakes.
+    tokio::time::sleep(Duration::from_secs(args.warmup.min(60))).await;
     let frames_before = counters.frames.load(Ordering::Relaxed);
+    let fanout_pid = args.pid.map(|pid| pid.to_string());
+    let fanout_cpu_before = fanout_pid.as_deref().map(CpuTime::of).transpose()?;
+    let own_cpu_before = CpuTime::of("self")?;
     println!("publishing {total} events at {rate}/s to {subject}");
     let start = Instant::now();
     let start_us = now_us();
@@ -162,6 +174,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let frames = counters.frames.load(Ordering::Relaxed) - frames_before;
+    let own_cpu = CpuTime::of("self")?.per_item_since(own_cpu_before, frames, "frame");
+    let fanout_cpu = match (fanout_pid.as_deref(), fanout_cpu_before) {
+        (Some(pid), Some(before)) => Some(CpuTime::of(pid)?.per_item_since(before, frames, "frame")),
+        _ => None,
+    };
     let span =
         Duration::from_micros(last_frame.load(Ordering::Relaxed).saturating_sub(start_us)).max(publish_time);
     let h = latencies.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,6 +203,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     println!("time until the last client had an event: {}", report::percentiles(&complete));
+    if let Some(fanout_cpu) = fanout_cpu {
+        println!("fanout: {fanout_cpu}");
+    }
+    println!("loadgen clients: {own_cpu}");
     println!("connections closed by the server: {}", counters.closed.load(Ordering::Relaxed));
     for conn in &opened {
         conn.reader.abort();

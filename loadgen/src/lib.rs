@@ -10,10 +10,13 @@
 //!   loopback source addresses; reports fanout's resident memory per connection.
 //! - `broadcast`: events published straight to NATS at a fixed rate, fanned out to many
 //!   WebSocket clients; reports events/s in, frames/s out and delivery latency.
+//! - `floor`: the same fan-out done by the bare kernel (blocking writes to loopback TCP
+//!   sockets, read by one epoll loop): the floor `broadcast` is measured against.
 //!
 //! Every run is bounded in count and time and targets only the address it is given.
 
 pub mod broadcast;
+pub mod floor;
 pub mod idle;
 pub mod report;
 pub mod simulate;
@@ -24,6 +27,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", version, about = "Load generator for the Unipile realtime relay")]
 pub struct Cli {
+    /// Runtime worker threads (default: one per core). With the relay on the same
+    /// machine, `--threads 1` leaves it a core and measures it more fairly.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,6 +41,9 @@ pub enum Command {
     Idle(idle::Args),
     /// Publish events to NATS and measure their fan-out to many WebSocket clients.
     Broadcast(broadcast::Args),
+    /// Write one small message at a time to many loopback TCP sockets, with no
+    /// WebSocket or runtime in the way: the floor under `broadcast`'s latency.
+    Floor(floor::Args),
     /// Post realistic message_received webhooks to ingest at a fixed rate.
     Webhooks(webhooks::Args),
     /// Believable inbox traffic (several accounts and providers, replies, reactions,
@@ -46,6 +56,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Idle(args) => idle::run(args).await,
         Command::Broadcast(args) => broadcast::run(args).await,
+        Command::Floor(args) => tokio::task::spawn_blocking(move || floor::run(args)).await?,
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
     }

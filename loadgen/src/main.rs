@@ -2,8 +2,15 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    shared::telemetry::init_tracing(shared::config::LogFormat::Text);
-    loadgen::run(loadgen::Cli::parse()).await
+fn main() -> anyhow::Result<()> {
+    let cli = loadgen::Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.threads {
+        runtime.worker_threads(threads.clamp(1, 64));
+    }
+    let runtime = runtime.enable_all().build()?;
+    runtime.block_on(async {
+        shared::telemetry::init_tracing(shared::config::LogFormat::Text);
+        loadgen::run(cli).await
+    })
 }
