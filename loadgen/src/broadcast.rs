@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
@@ -21,7 +21,7 @@ use shared::envelope::{Envelope, EventType};
 use shared::subjects::Subjects;
 
 use crate::idle::{Counters, Target, connect_many};
-use crate::report::{self, CpuTime};
+use crate::report::{self, CpuTime, now_us};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -54,10 +54,6 @@ pub struct Args {
     /// Seconds to wait for the last deliveries after publishing ends.
     #[arg(long, default_value_t = 10)]
     drain: u64,
-}
-
-fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// A number field of an event frame, found without parsing the whole frame.
@@ -125,8 +121,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = async_nats::connect(args.nats_url.as_str())
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
-    let js = async_nats::jetstream::new(client);
     let subject = subjects.event(&args.account, Some("chat_loadgen"), EventType::MessageNew);
+    // A plain NATS subscriber beside the clients: how much of the latency is NATS's.
+    let nats_hop = Arc::new(Mutex::new(report::latency_histogram()));
+    let mut hop_subscriber = client.subscribe(subject.clone()).await.context("subscribing to the subject")?;
+    let hop_reader = tokio::spawn({
+        let nats_hop = nats_hop.clone();
+        async move {
+            while let Some(message) = futures::StreamExt::next(&mut hop_subscriber).await {
+                if let Some(sent) = std::str::from_utf8(&message.payload).ok().and_then(sent_us) {
+                    let latency = Duration::from_micros(now_us().saturating_sub(sent));
+                    report::record(&mut nats_hop.lock().unwrap_or_else(|p| p.into_inner()), latency);
+                }
+            }
+        }
+    });
+    let js = async_nats::jetstream::new(client);
     let padding = "x".repeat(args.payload_bytes);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let failed_publishes = Arc::new(AtomicU64::new(0));
@@ -195,6 +205,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         frames as f64 / span.as_secs_f64().max(1e-9)
     );
     println!("delivery latency (every frame): {}", report::percentiles(&h));
+    hop_reader.abort();
+    println!(
+        "publish to a plain NATS subscriber: {}",
+        report::percentiles(&nats_hop.lock().unwrap_or_else(|p| p.into_inner()))
+    );
     let mut complete = report::latency_histogram();
     for slot in slowest.iter() {
         let us = slot.load(Ordering::Relaxed);

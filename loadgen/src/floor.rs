@@ -18,12 +18,12 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use mio::{Events, Interest, Poll, Token};
 
-use crate::report::{self, CpuTime};
+use crate::report::{self, CpuTime, now_us};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -46,10 +46,6 @@ pub struct Args {
     /// Internal: run as the reading side, connecting to this address.
     #[arg(long, hide = true)]
     reader_of: Option<SocketAddr>,
-}
-
-fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -1,8 +1,14 @@
 //! Latency recording and the summary lines every mode prints.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
+
+/// Wall-clock microseconds since the epoch: what a sender stamps into a message and a
+/// receiver subtracts from (both on this machine, so the clocks agree).
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
 
 /// Latencies in microseconds, 1 µs to 60 s, 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {
