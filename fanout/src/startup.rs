@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::serve::ListenerExt;
 use shared::claims::JwtKeys;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
@@ -98,21 +97,16 @@ impl Application {
         let server = tokio::spawn(
             async move {
                 // Frames are small and latency matters more than packet count: no Nagle.
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(error) = tcp.set_nodelay(true) {
-                        tracing::debug!(%error, "cannot set TCP_NODELAY");
+                let options = shared::http::ServeOptions { nodelay: true, ..Default::default() };
+                shared::http::serve(listener, app, options, async move {
+                    tokio::select! {
+                        _ = shutdown => {},
+                        _ = stop.cancelled() => {},
                     }
-                });
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        tokio::select! {
-                            _ = shutdown => {},
-                            _ = stop.cancelled() => {},
-                        }
-                        stop.cancel();
-                    })
-                    .await
-                    .context("HTTP server failed")
+                    stop.cancel();
+                })
+                .await
+                .context("HTTP server failed")
             }
             .instrument(tracing::info_span!("http_server")),
         );

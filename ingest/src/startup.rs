@@ -103,7 +103,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self { listener, router, state, mut tasks, stop_background } = self;
-        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+        let server = shared::http::serve(listener, router, Default::default(), shutdown);
         tokio::select! {
             served = server => served.context("HTTP server failed")?,
             died = tasks.join_next() => {

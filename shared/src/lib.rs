@@ -5,12 +5,14 @@
 //! same bytes to WebSocket clients whose [`claims::Claims`] allow them. Both read their
 //! configuration through the [`config`] pieces and log through [`telemetry`].
 //!
-//! Nothing here does I/O on its own except [`telemetry`] and [`config::NatsArgs::connect`]:
+//! Nothing here does I/O on its own except [`telemetry`], [`http::serve`] and
+//! [`config::NatsArgs::connect`]:
 //! the crate is mostly types with the unit tests that pin their quirks.
 
 pub mod claims;
 pub mod config;
 pub mod envelope;
+pub mod http;
 pub mod lenient;
 pub mod subjects;
 pub mod telemetry;
