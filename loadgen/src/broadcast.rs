@@ -221,7 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(fanout_cpu) = fanout_cpu {
         println!("fanout: {fanout_cpu}");
     }
-    println!("loadgen clients: {own_cpu}");
+    println!("loadgen itself (clients and publisher): {own_cpu}");
     println!("connections closed by the server: {}", counters.closed.load(Ordering::Relaxed));
     for conn in &opened {
         conn.reader.abort();
