@@ -150,7 +150,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_prompt_client_is_served_and_shutdown_lets_it_finish() {
+    async fn a_prompt_client_is_served_and_shutdown_stops_accepting() {
         let (addr, stop) = start(Duration::from_millis(300)).await;
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
