@@ -83,6 +83,8 @@
  */
 
 const TERMINAL_CODES = new Set([4002]); // token expired: reconnect only with a new token
+/** How many recent event ids a client remembers to drop an event the stream holds twice. */
+const REMEMBERED_IDS = 1000;
 
 export class RelayClient {
   /** @param {RelayClientOptions} options */
@@ -103,6 +105,13 @@ export class RelayClient {
     /** @type {ReturnType<typeof setInterval> | undefined} */
     this.pingTimer = undefined;
     this.lastFrameAt = 0;
+    /**
+     * Ids of the latest events delivered, oldest first. The stream can hold one event
+     * twice, under two seqs: ingest republishes it if it crashed after JetStream's ack
+     * and came back after JetStream's duplicate window. Its `id` is still the same.
+     * @type {Set<string>}
+     */
+    this.recentIds = new Set();
   }
 
   /**
@@ -240,6 +249,11 @@ export class RelayClient {
         if (typeof frame.seq !== "number") return;
         if (this.lastSeq != null && frame.seq <= this.lastSeq) return; // already seen
         this.lastSeq = frame.seq;
+        if (typeof frame.id === "string") {
+          if (this.recentIds.has(frame.id)) return; // the same event under a second seq
+          this.recentIds.add(frame.id);
+          if (this.recentIds.size > REMEMBERED_IDS) this.recentIds.delete(this.recentIds.values().next().value);
+        }
         this.emit("event", frame);
         this.emit(frame.type, frame);
     }

@@ -207,6 +207,20 @@ impl Relay {
         assert_eq!((status.as_u16(), answer["status"].as_str()), (200, Some("accepted")), "{answer}");
     }
 
+    /// Publishes the stream's newest event again, under a new seq: what ingest does
+    /// when it recovers from a crash after JetStream's duplicate window has passed.
+    pub async fn republish_last_event(&self) {
+        let js = async_nats::jetstream::new(async_nats_connect().await.expect("NATS is up"));
+        let mut stream = js.get_stream(&self.stream_name).await.expect("the stream exists");
+        let last = stream.info().await.expect("stream info").state.last_sequence;
+        let message = stream.get_raw_message(last).await.expect("the newest event");
+        js.publish(message.subject, message.payload)
+            .await
+            .expect("published")
+            .await
+            .expect("JetStream stores it (no Nats-Msg-Id, so no dedupe)");
+    }
+
     pub async fn shutdown(mut self) {
         self.fanout.stop().await;
         self.ingest.stop().await;

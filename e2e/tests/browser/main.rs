@@ -104,3 +104,50 @@ async fn the_inbox_page_shows_messages_live_and_resumes_after_losing_its_socket(
     browser.close().await;
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_js_hands_an_event_the_stream_holds_twice_to_handlers_once() {
+    let relay = Relay::start().await;
+    let browser = Browser::start().await;
+    // Any page of fanout's origin will do: the test imports client.js itself.
+    browser.client.goto(&format!("{}/client.js", relay.fanout_url())).await.expect("client.js loads");
+    let ws_url = format!("{}/ws/messages", relay.fanout_url().replacen("http", "ws", 1));
+    browser
+        .client
+        .execute_async(
+            "const [url, token, done] = arguments;
+             import('/client.js').then(({ RelayClient }) => {
+               window.seen = [];
+               window.relay = new RelayClient({ url, token });
+               window.relay.on('event', (e) => window.seen.push({ id: e.id, seq: e.seq }));
+               window.relay.on('hello', () => { window.opened = true; });
+               window.relay.connect();
+               done(null);
+             });",
+            vec![ws_url.into(), relay.token().into()],
+        )
+        .await
+        .expect("client.js imports and connects");
+    browser.wait_until("the client is connected", "window.opened === true", WAIT).await;
+
+    relay.post_message("accDup", "chatDup", "First").await;
+    browser.wait_until("the first event arrives", "window.seen.length === 1", WAIT).await;
+    relay.republish_last_event().await;
+    relay.post_message("accDup", "chatDup", "Second").await;
+    browser.wait_until("the second event arrives", "window.seen.length >= 2", WAIT).await;
+    // The copy came between them: had it been handed over, it would be second.
+    let seen = browser.eval("window.seen").await;
+    let seen = seen.as_array().expect("a list");
+    assert_eq!(seen.len(), 2, "the copy is dropped: {seen:?}");
+    assert_ne!(seen[0]["id"], seen[1]["id"], "{seen:?}");
+    assert_eq!(
+        browser.eval("window.relay.lastSeq").await.as_u64(),
+        seen[1]["seq"].as_u64(),
+        "the copy's seq is covered too, so a resume does not ask for it"
+    );
+    let seqs: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs[1], seqs[0] + 2, "the copy sits between them in the stream: {seqs:?}");
+
+    browser.close().await;
+    relay.shutdown().await;
+}
