@@ -151,3 +151,54 @@ async fn client_js_hands_an_event_the_stream_holds_twice_to_handlers_once() {
     browser.close().await;
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_loads_older_messages_and_more_chats_past_the_first_hundred() {
+    let relay = Relay::start().await;
+    let account = "accPages";
+    for i in 0..101 {
+        relay.post_message(account, "chatLong", &format!("Long {i:03}")).await;
+    }
+    // 100 chats with newer activity push chatLong onto the list's second page.
+    for i in 0..100 {
+        relay.post_message(account, &format!("chat{i:03}"), "Hello").await;
+    }
+
+    let browser = Browser::start().await;
+    let page =
+        format!("{}/?api={}&token={}&chat=chatLong", relay.fanout_url(), relay.ingest_url, relay.token());
+    browser.client.goto(&page).await.expect("the page loads");
+    let shown_messages = "document.querySelectorAll('#messages .msg').length";
+    let listed_chats = "document.querySelectorAll('#chats li[data-chat-id]').length";
+
+    browser.wait_until("the newest 100 messages show", &format!("{shown_messages} === 100"), WAIT).await;
+    assert!(browser.eval(&messages_show("Long 100")).await.as_bool().unwrap());
+    assert!(!browser.eval(&messages_show("Long 000")).await.as_bool().unwrap());
+    browser.client.execute("document.getElementById('older').click(); return null;", vec![]).await.unwrap();
+    browser.wait_until("the oldest message shows", &messages_show("Long 000"), WAIT).await;
+    browser.wait_until("all 101 messages show", &format!("{shown_messages} === 101"), WAIT).await;
+    assert!(
+        browser.eval("document.getElementById('older') === null").await.as_bool().unwrap(),
+        "nothing older is left to load"
+    );
+
+    browser.wait_until("the newest 100 chats are listed", &format!("{listed_chats} === 100"), WAIT).await;
+    assert!(browser.eval(&format!("{} === null", chat_selector("chatLong"))).await.as_bool().unwrap());
+    browser
+        .client
+        .execute("document.getElementById('more-chats').click(); return null;", vec![])
+        .await
+        .unwrap();
+    browser
+        .wait_until("the oldest chat is listed", &format!("{} !== null", chat_selector("chatLong")), WAIT)
+        .await;
+    browser.wait_until("all 101 chats are listed", &format!("{listed_chats} === 101"), WAIT).await;
+    assert!(
+        browser.eval("document.getElementById('more-chats') === null").await.as_bool().unwrap(),
+        "no more chats to load"
+    );
+    browser.screenshot("pages").await;
+
+    browser.close().await;
+    relay.shutdown().await;
+}
