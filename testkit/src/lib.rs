@@ -22,8 +22,28 @@ pub fn admin_database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-/// Creates an empty database named `test_{label}_{uuid}`; returns its URL.
-pub async fn create_database(label: &str) -> String {
+/// A database of one test's own, dropped when this is dropped (also when the test
+/// panics), so runs leave nothing behind on the shared PostgreSQL.
+#[derive(Debug)]
+pub struct TestDatabase {
+    pub url: String,
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop cannot await, and may run inside a runtime: a thread of its own does it.
+        let url = std::mem::take(&mut self.url);
+        let dropping = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(drop_database(&url));
+        });
+        let _ = dropping.join();
+    }
+}
+
+/// Creates an empty database named `test_{label}_{uuid}`; it is dropped with the
+/// returned guard.
+pub async fn create_database(label: &str) -> TestDatabase {
     let admin = admin_database_url();
     let mut conn = PgConnection::connect(&admin)
         .await
@@ -31,11 +51,11 @@ pub async fn create_database(label: &str) -> String {
     let name = format!("test_{label}_{}", Uuid::new_v4().simple());
     conn.execute(format!(r#"create database "{name}""#).as_str()).await.expect("create test database");
     let (base, _) = admin.rsplit_once('/').expect("DATABASE_URL has a database name");
-    format!("{base}/{name}")
+    TestDatabase { url: format!("{base}/{name}") }
 }
 
-/// Drops a database made by [`create_database`], closing whatever still uses it.
-pub async fn drop_database(database_url: &str) {
+/// Drops a database by URL, closing whatever still uses it.
+async fn drop_database(database_url: &str) {
     let Some((_, name)) = database_url.rsplit_once('/') else { return };
     if let Ok(mut conn) = PgConnection::connect(&admin_database_url()).await {
         let _ = conn.execute(format!(r#"drop database if exists "{name}" with (force)"#).as_str()).await;

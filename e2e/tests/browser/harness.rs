@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use testkit::nats_url;
-use testkit::{create_database, drop_database};
+use testkit::{TestDatabase, create_database};
 
 pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
 pub const JWT_SECRET: &str = "e2e-jwt-secret";
@@ -89,7 +89,8 @@ pub struct Relay {
     pub jwt: JwtKeys,
     pub stream_name: String,
     pub prefix: String,
-    database_url: String,
+    /// Dropped with the relay (also when a test panics), which drops the database.
+    _database: TestDatabase,
     ingest: Server,
     fanout: Server,
     client: reqwest::Client,
@@ -102,7 +103,8 @@ impl Relay {
         let prefix = format!("e2e{id}.events");
         // fanout first: ingest's CORS must allow the page's origin.
         let (fanout, fanout_port) = start_fanout(0, &stream_name, &prefix).await;
-        let database_url = create_database("e2e").await;
+        let database = create_database("e2e").await;
+        let database_url = &database.url;
         let args = [
             "ingest".to_owned(),
             "--listen=127.0.0.1:0".to_owned(),
@@ -129,7 +131,7 @@ impl Relay {
             jwt: JwtKeys::new(&SecretString::from(JWT_SECRET)),
             stream_name,
             prefix,
-            database_url,
+            _database: database,
             ingest,
             fanout,
             client: reqwest::Client::new(),
@@ -227,7 +229,6 @@ impl Relay {
         if let Ok(client) = async_nats_connect().await {
             let _ = async_nats::jetstream::new(client).delete_stream(&self.stream_name).await;
         }
-        drop_database(&self.database_url).await;
     }
 }
 

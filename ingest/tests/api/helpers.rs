@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-pub use testkit::{NatsServer, admin_database_url, create_database, drop_database, nats_url};
+pub use testkit::{NatsServer, TestDatabase, admin_database_url, create_database, nats_url};
 
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
 pub const JWT_SECRET: &str = "test-jwt-secret";
@@ -27,7 +27,8 @@ pub struct TestApp {
     pub port: u16,
     /// A direct connection pool to the test's own database.
     pub db: PgPool,
-    pub database_url: String,
+    /// Drops the database when the app is dropped, after the server was told to stop.
+    database: TestDatabase,
     pub nats_url: String,
     pub js: jetstream::Context,
     pub stream_name: String,
@@ -73,7 +74,8 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
-    let database_url = create_database("ingest").await;
+    let database = create_database("ingest").await;
+    let database_url = database.url.as_str();
     let id = Uuid::new_v4().simple().to_string();
     let stream_name = format!("TEST_{id}");
     let prefix = format!("test{id}.events");
@@ -82,7 +84,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         "--listen=127.0.0.1:0".to_owned(),
         format!("--webhook-secret={WEBHOOK_SECRET}"),
         format!("--jwt-secret={JWT_SECRET}"),
-        format!("--database-url={}", with_port(&database_url, options.database_port)),
+        format!("--database-url={}", with_port(database_url, options.database_port)),
         format!("--nats-url={}", options.nats_url),
         format!("--stream-name={stream_name}"),
         format!("--subject-prefix={prefix}"),
@@ -106,8 +108,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         port,
-        db: PgPool::connect(&database_url).await.expect("connect to test database"),
-        database_url,
+        db: PgPool::connect(database_url).await.expect("connect to test database"),
+        database,
         nats_url: options.nats_url,
         js: jetstream::new(nats),
         stream_name,
@@ -237,21 +239,20 @@ impl TestApp {
 }
 
 impl Drop for TestApp {
-    /// Stops the server and removes the test's stream and database, so repeated runs
-    /// leave nothing behind on the shared NATS and PostgreSQL.
+    /// Stops the server and removes the test's stream (the `database` field removes
+    /// the database), so repeated runs leave nothing behind on the shared NATS and
+    /// PostgreSQL.
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let (nats_url, stream, database_url) =
-            (self.nats_url.clone(), self.stream_name.clone(), self.database_url.clone());
+        let (nats_url, stream) = (self.nats_url.clone(), self.stream_name.clone());
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async move {
                 if let Ok(nats) = async_nats::connect(nats_url.as_str()).await {
                     let _ = jetstream::new(nats).delete_stream(&stream).await;
                 }
-                drop_database(&database_url).await;
             });
         });
         let _ = cleanup.join();

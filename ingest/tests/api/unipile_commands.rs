@@ -106,13 +106,13 @@ async fn unipile_command_webhooks_ensure_creates_then_reuses() {
 async fn unipile_command_webhooks_ensure_takes_the_lock_when_given_a_database() {
     let fake = FakeUnipile::start().await;
     let dsn = fake.dsn();
-    let database_url = create_database("ingest").await;
+    let database = create_database("ingest").await;
     let env = [
         ("UNIPILE_DSN", dsn.as_str()),
         ("UNIPILE_API_KEY", API_KEY),
         ("WEBHOOK_BASE_URL", BASE),
         ("WEBHOOK_SECRET", "cli-secret"),
-        ("DATABASE_URL", database_url.as_str()),
+        ("DATABASE_URL", database.url.as_str()),
     ];
     let (a, b) = tokio::join!(ingest(&["webhooks", "ensure"], &env), ingest(&["webhooks", "ensure"], &env));
     assert_success(&a);
@@ -189,11 +189,11 @@ async fn unipile_command_sync_backfills_and_a_rerun_stores_nothing() {
     let fake = FakeUnipile::start().await;
     fake.serve_history().await;
     let dsn = fake.dsn();
-    let database_url = create_database("ingest").await;
+    let database = create_database("ingest").await;
     let env = [
         ("UNIPILE_DSN", dsn.as_str()),
         ("UNIPILE_API_KEY", API_KEY),
-        ("DATABASE_URL", database_url.as_str()),
+        ("DATABASE_URL", database.url.as_str()),
     ];
 
     let first = ingest(&["sync", "--json"], &env).await;

@@ -8,14 +8,15 @@ use ingest::unipile::webhooks::BackgroundBackoff;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::helpers::create_database;
+use crate::helpers::{TestDatabase, create_database};
 use crate::unipile_fake::{ACCOUNT_ID, CHAT_ID, FakeUnipile, GROUP_CHAT_ID};
 
-async fn migrated_database() -> (PgPool, String) {
-    let url = create_database("ingest").await;
-    let pool = PgPool::connect(&url).await.expect("connect to the test database");
+/// A migrated test database and a pool on it; the database lives as long as the guard.
+async fn migrated_database() -> (PgPool, TestDatabase) {
+    let database = create_database("ingest").await;
+    let pool = PgPool::connect(&database.url).await.expect("connect to the test database");
     ingest::startup::MIGRATOR.run(&pool).await.expect("migrations apply");
-    (pool, url)
+    (pool, database)
 }
 
 /// Every row of the tables a backfill may touch, `updated_at` included.
@@ -45,7 +46,7 @@ fn at(text: &str) -> DateTime<Utc> {
 async fn unipile_sync_twice_gives_the_same_rows() {
     let fake = FakeUnipile::start().await;
     fake.serve_history().await;
-    let (pool, _) = migrated_database().await;
+    let (pool, _database) = migrated_database().await;
     let client = fake.client();
 
     let first = sync::sync_accounts(&client, &pool, &[account()], None).await.unwrap();
@@ -63,7 +64,7 @@ async fn unipile_sync_twice_gives_the_same_rows() {
 async fn unipile_sync_takes_unread_counts_from_unipile_and_emits_no_events() {
     let fake = FakeUnipile::start().await;
     fake.serve_history().await;
-    let (pool, _) = migrated_database().await;
+    let (pool, _database) = migrated_database().await;
     sync::sync_accounts(&fake.client(), &pool, &[account()], None).await.unwrap();
 
     type ChatRow = (String, i64, bool, Option<String>, Option<DateTime<Utc>>, Option<String>);
@@ -131,7 +132,7 @@ async fn unipile_sync_takes_unread_counts_from_unipile_and_emits_no_events() {
 async fn unipile_sync_since_skips_older_chats_and_messages() {
     let fake = FakeUnipile::start().await;
     fake.serve_history().await;
-    let (pool, _) = migrated_database().await;
+    let (pool, _database) = migrated_database().await;
     let report = sync::sync_accounts(&fake.client(), &pool, &[account()], Some(at("2026-11-28T16:03:00Z")))
         .await
         .unwrap();
@@ -171,7 +172,7 @@ async fn seed_one_stored_message(pool: &PgPool) {
 async fn unipile_catch_up_fetches_what_arrived_since_the_newest_stored_message() {
     let fake = FakeUnipile::start().await;
     fake.serve_history().await;
-    let (pool, _) = migrated_database().await;
+    let (pool, _database) = migrated_database().await;
     seed_one_stored_message(&pool).await;
 
     let report = sync::catch_up(&fake.client(), &pool).await.unwrap();
@@ -191,7 +192,7 @@ async fn unipile_catch_up_fetches_what_arrived_since_the_newest_stored_message()
 async fn unipile_known_accounts_are_the_database_ones_and_unipiles() {
     let fake = FakeUnipile::start().await;
     fake.serve_history().await;
-    let (pool, _) = migrated_database().await;
+    let (pool, _database) = migrated_database().await;
     sqlx::query("insert into accounts (id, account_type) values ('Lk2jH4gF6dS8aQ1wE3rT5y', 'LINKEDIN')")
         .execute(&pool)
         .await
@@ -210,7 +211,7 @@ async fn unipile_known_accounts_are_the_database_ones_and_unipiles() {
 async fn unipile_start_up_catch_up_runs_on_one_replica_at_a_time() {
     let fake = FakeUnipile::start().await;
     fake.serve_history().await;
-    let (pool, _) = migrated_database().await;
+    let (pool, _database) = migrated_database().await;
     seed_one_stored_message(&pool).await;
     let backoff = BackgroundBackoff { first: Duration::from_millis(20), max: Duration::from_millis(50) };
     let count = || async {

@@ -137,11 +137,11 @@ async fn replica_pool(database_url: &str) -> PgPool {
 #[tokio::test]
 async fn unipile_concurrent_replicas_with_the_lock_end_with_one_of_each() {
     let fake = FakeUnipile::start().await;
-    let database_url = create_database("ingest").await;
+    let database = create_database("ingest").await;
     let mut replicas = Vec::new();
     for _ in 0..6 {
         let client = fake.client();
-        let pool = replica_pool(&database_url).await;
+        let pool = replica_pool(&database.url).await;
         replicas
             .push(tokio::spawn(async move { webhooks::ensure(&client, &settings("s"), Some(&pool)).await }));
     }
@@ -183,7 +183,8 @@ async fn unipile_registration_keeps_retrying_until_unipile_answers() {
     let registration =
         Registration::decide(Some(BASE), &secret, &unipile_args(Some(fake.dsn()), Some(API_KEY)));
     assert!(matches!(registration, Registration::Enabled { .. }));
-    let pool = replica_pool(&create_database("ingest").await).await;
+    let database = create_database("ingest").await;
+    let pool = replica_pool(&database.url).await;
     let backoff = BackgroundBackoff { first: Duration::from_millis(20), max: Duration::from_millis(50) };
     let task = webhooks::spawn_registration(registration, pool, backoff);
     tokio::time::timeout(Duration::from_secs(30), task)
@@ -201,7 +202,8 @@ async fn unipile_registration_without_settings_is_skipped_and_calls_nothing() {
     let Registration::Skipped { reason } = &registration else { panic!("must be skipped") };
     assert_eq!(reason, &SkipReason::Missing(vec!["WEBHOOK_BASE_URL", "UNIPILE_API_KEY"]));
     assert_eq!(reason.to_string(), "WEBHOOK_BASE_URL and UNIPILE_API_KEY are not set");
-    let pool = replica_pool(&create_database("ingest").await).await;
+    let database = create_database("ingest").await;
+    let pool = replica_pool(&database.url).await;
     tokio::time::timeout(
         Duration::from_secs(5),
         webhooks::spawn_registration(registration, pool, BackgroundBackoff::default()),
