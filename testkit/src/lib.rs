@@ -62,6 +62,44 @@ async fn drop_database(database_url: &str) {
     }
 }
 
+/// Deletes a test's JetStream stream when dropped, so a run leaves none behind on the
+/// shared NATS, also when the test panics. It works on a runtime of its own: the
+/// test's may already be gone.
+pub struct StreamGuard {
+    url: String,
+    name: String,
+}
+
+impl StreamGuard {
+    pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { url: url.into(), name: name.into() }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async {
+                let connect =
+                    async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(url);
+                if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await {
+                    let js = async_nats::jetstream::new(client);
+                    let _ = tokio::time::timeout(Duration::from_secs(3), js.delete_stream(&name)).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
 /// A nats-server of the test's own (JetStream, file store) on a free port, so a test can
 /// stop and restart it. `NATS_SERVER_BIN` names the binary (default `/usr/sbin/nats-server`).
 pub struct NatsServer {

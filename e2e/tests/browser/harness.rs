@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use testkit::nats_url;
-use testkit::{TestDatabase, create_database};
+use testkit::{StreamGuard, TestDatabase, create_database};
 
 pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
 pub const JWT_SECRET: &str = "e2e-jwt-secret";
@@ -91,6 +91,8 @@ pub struct Relay {
     pub prefix: String,
     /// Dropped with the relay (also when a test panics), which drops the database.
     _database: TestDatabase,
+    /// Likewise for the stream.
+    _stream: StreamGuard,
     ingest: Server,
     fanout: Server,
     client: reqwest::Client,
@@ -129,9 +131,10 @@ impl Relay {
             ingest_url,
             fanout_port,
             jwt: JwtKeys::new(&SecretString::from(JWT_SECRET)),
-            stream_name,
+            stream_name: stream_name.clone(),
             prefix,
             _database: database,
+            _stream: StreamGuard::new(nats_url(), stream_name.clone()),
             ingest,
             fanout,
             client: reqwest::Client::new(),
@@ -226,9 +229,6 @@ impl Relay {
     pub async fn shutdown(mut self) {
         self.fanout.stop().await;
         self.ingest.stop().await;
-        if let Ok(client) = async_nats_connect().await {
-            let _ = async_nats::jetstream::new(client).delete_stream(&self.stream_name).await;
-        }
     }
 }
 

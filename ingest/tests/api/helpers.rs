@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-pub use testkit::{NatsServer, TestDatabase, admin_database_url, create_database, nats_url};
+pub use testkit::{NatsServer, StreamGuard, TestDatabase, admin_database_url, create_database, nats_url};
 
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
 pub const JWT_SECRET: &str = "test-jwt-secret";
@@ -29,6 +29,8 @@ pub struct TestApp {
     pub db: PgPool,
     /// Drops the database when the app is dropped, after the server was told to stop.
     database: TestDatabase,
+    /// Likewise the stream.
+    _stream: StreamGuard,
     pub nats_url: String,
     pub js: jetstream::Context,
     pub stream_name: String,
@@ -110,6 +112,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         port,
         db: PgPool::connect(database_url).await.expect("connect to test database"),
         database,
+        _stream: StreamGuard::new(options.nats_url.as_str(), stream_name.as_str()),
         nats_url: options.nats_url,
         js: jetstream::new(nats),
         stream_name,
@@ -239,23 +242,13 @@ impl TestApp {
 }
 
 impl Drop for TestApp {
-    /// Stops the server and removes the test's stream (the `database` field removes
-    /// the database), so repeated runs leave nothing behind on the shared NATS and
-    /// PostgreSQL.
+    /// Stops the server; the `database` and `_stream` fields then remove the test's
+    /// database and stream, so repeated runs leave nothing behind on the shared NATS
+    /// and PostgreSQL.
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let (nats_url, stream) = (self.nats_url.clone(), self.stream_name.clone());
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                if let Ok(nats) = async_nats::connect(nats_url.as_str()).await {
-                    let _ = jetstream::new(nats).delete_stream(&stream).await;
-                }
-            });
-        });
-        let _ = cleanup.join();
     }
 }
 
