@@ -10,6 +10,12 @@
 //! the one we followed (its creation time changed or its last sequence went below
 //! ours). Then it marks itself not ready, backs off briefly and starts a new attempt.
 //! A recreated stream resets the hub, which closes every connection with 4001.
+//!
+//! On its first start it begins with the newest `FANOUT_REPLAY_WINDOW` messages already
+//! in the stream, filling the hub's window, and only opens the hub (and turns ready)
+//! once it has caught up: a replica that just started then serves the resumes of
+//! clients coming from a stopped one from memory. New clients still start at new
+//! messages.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,6 +120,15 @@ impl Follower {
         }
     }
 
+    /// The follower has caught up with the stream: connections may come in.
+    fn open_hub(&self) {
+        if !self.hub.is_started() {
+            self.hub.start();
+            tracing::info!(seq = self.hub.head(), "window filled; accepting connections");
+        }
+        self.status.set(true);
+    }
+
     #[tracing::instrument(skip_all, fields(stream = %self.stream_name))]
     async fn follow_once(&self, position: &mut Option<Position>) -> anyhow::Result<Ended> {
         let mut stream = ensure_stream(&self.js, &self.stream_name, &self.subjects).await?;
@@ -121,9 +136,15 @@ impl Follower {
         let created = info.created.unix_timestamp_nanos();
         let pos = match *position {
             None => {
-                // Start at new messages: whatever is in the stream already is history.
-                self.hub.start(info.state.last_sequence);
-                Position { created, last: info.state.last_sequence }
+                // New clients start at new messages, but the window is first filled with
+                // the newest events the stream holds: clients of a replica that just
+                // stopped reconnect here, and a window that reaches back serves them from
+                // memory instead of each reading JetStream.
+                let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+                let base = prefill_base(first, last, self.hub.window_capacity());
+                self.hub.prefill_from(base);
+                tracing::info!(from = base + 1, to = last, "filling the window before opening");
+                Position { created, last: base }
             }
             Some(pos) if pos.created != created || info.state.last_sequence < pos.last => {
                 // A new stream: its messages are all newer than anything clients have,
@@ -153,6 +174,9 @@ impl Follower {
             .await
             .context("creating consumer")?;
         let consumer_name = consumer.cached_info().name.clone();
+        if consumer.cached_info().num_pending == 0 {
+            self.open_hub();
+        }
         let result = self.follow_consumer(&mut stream, consumer, position).await;
         if result.is_err() {
             // Best effort; the server drops it after `inactive_threshold` anyway.
@@ -176,7 +200,9 @@ impl Follower {
             .messages()
             .await
             .context("starting to pull")?;
-        self.status.set(true);
+        if self.hub.is_started() {
+            self.status.set(true);
+        }
         tracing::info!(from = position.map(|p| p.last + 1), "following");
         let mut expected_delivery = 1;
         let mut check = tokio::time::interval(self.heartbeat);
@@ -195,7 +221,7 @@ impl Follower {
                         bail!("delivery sequence gap: expected {expected_delivery}, got {}", info.consumer_sequence);
                     }
                     expected_delivery += 1;
-                    let seq = info.stream_sequence;
+                    let (seq, caught_up) = (info.stream_sequence, info.pending == 0);
                     let pos = position.as_mut().expect("position is set before following");
                     if seq <= pos.last {
                         continue;
@@ -212,6 +238,9 @@ impl Follower {
                             self.hub.skip(seq);
                         }
                     }
+                    if caught_up {
+                        self.open_hub();
+                    }
                 }
                 _ = check.tick() => {
                     if self.client.connection_state() != State::Connected {
@@ -223,8 +252,34 @@ impl Follower {
                         self.status.set(false);
                         return Ok(Ended::StreamChanged);
                     }
+                    if info.state.last_sequence == pos.last {
+                        // Still prefilling only if the stream's last messages vanished
+                        // before they were delivered.
+                        self.open_hub();
+                    }
                 }
             }
         }
+    }
+}
+
+/// The sequence just before the newest `window` messages of a stream holding
+/// `first..=last` (`last` when it is empty or there is no window).
+fn prefill_base(first: u64, last: u64, window: usize) -> u64 {
+    let reach = u64::try_from(window).unwrap_or(u64::MAX).min(last);
+    (last - reach).max(first.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_base;
+
+    #[test]
+    fn the_prefill_covers_the_newest_window_of_the_stream() {
+        assert_eq!(prefill_base(1, 100, 10), 90);
+        assert_eq!(prefill_base(1, 5, 10), 0, "the whole stream when it is shorter");
+        assert_eq!(prefill_base(95, 100, 10), 94, "not before what the stream holds");
+        assert_eq!(prefill_base(1, 100, 0), 100, "no window, no prefill");
+        assert_eq!(prefill_base(0, 0, 10), 0, "an empty stream");
     }
 }

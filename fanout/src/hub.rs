@@ -10,7 +10,9 @@
 //! The hub also keeps a window of recent events and the sequence of the newest one
 //! (`head`). A connection registers and reads `head` under the same lock dispatch
 //! holds, so everything after `head` reaches its queue and everything up to `head`
-//! comes from the window or JetStream: that is what makes resume gap-free.
+//! comes from the window or JetStream: that is what makes resume gap-free. Before the
+//! follower opens the hub, it prefills the window with the newest events the stream
+//! already holds (see `follower`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -188,14 +190,31 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Sets where the stream stood when the follower first found it.
-    pub fn start(&self, head: u64) {
+    /// Before the first start: the follower fills the window from `base + 1` on (the
+    /// newest events already in the stream) while nobody can register yet.
+    pub fn prefill_from(&self, base: u64) {
         let mut inner = self.lock();
         if !inner.started {
-            inner.started = true;
-            inner.head = head;
-            inner.window_base = head;
+            inner.head = base;
+            inner.window_base = base;
+            inner.window.clear();
         }
+    }
+
+    /// Opens the hub to connections once the follower has caught up: from here on
+    /// every event is new to them. Starting again changes nothing.
+    pub fn start(&self) {
+        self.lock().started = true;
+    }
+
+    /// Whether connections may register yet.
+    pub fn is_started(&self) -> bool {
+        self.lock().started
+    }
+
+    /// Most events the window holds.
+    pub fn window_capacity(&self) -> usize {
+        self.window_capacity
     }
 
     /// Newest sequence seen, or `None` before the follower found the stream.
@@ -274,6 +293,10 @@ impl Hub {
         let mut inner = self.lock();
         if event.seq <= inner.head {
             return;
+        }
+        if !inner.started && inner.window.is_empty() {
+            // Prefilling: the window starts at the first event the stream still had.
+            inner.window_base = event.seq - 1;
         }
         inner.head = event.seq;
         if self.window_capacity > 0 {
@@ -396,14 +419,15 @@ mod tests {
     fn nobody_registers_before_the_follower_starts() {
         let hub = Hub::new(4, 10);
         assert!(hub.register(Scope::All, None).is_none());
-        hub.start(7);
+        hub.prefill_from(7);
+        hub.start();
         assert_eq!(hub.register(Scope::All, None).unwrap().head, 7);
     }
 
     #[test]
     fn events_reach_only_connections_of_their_account() {
         let hub = Hub::new(4, 10);
-        hub.start(0);
+        hub.start();
         let mut a = hub.register(accounts(&["a"]), None).unwrap();
         let mut all = hub.register(Scope::All, None).unwrap();
         hub.publish(event(1, "b"));
@@ -417,7 +441,7 @@ mod tests {
     #[test]
     fn a_full_queue_kicks_a_live_connection_but_only_marks_one_catching_up() {
         let hub = Hub::new(1, 10);
-        hub.start(0);
+        hub.start();
         let live = hub.register(Scope::All, None).unwrap();
         let resuming = hub.register(Scope::All, Some(0)).unwrap();
         hub.publish(event(1, "a"));
@@ -432,7 +456,8 @@ mod tests {
     #[test]
     fn the_window_serves_resumes_it_reaches_back_to() {
         let hub = Hub::new(8, 2);
-        hub.start(10);
+        hub.prefill_from(10);
+        hub.start();
         for seq in 11..=13 {
             hub.publish(event(seq, "a"));
         }
@@ -444,9 +469,38 @@ mod tests {
     }
 
     #[test]
+    fn a_prefilled_window_serves_resumes_from_before_the_start() {
+        let hub = Hub::new(8, 3);
+        hub.prefill_from(20);
+        // The stream had already dropped 21 when the follower read it.
+        for seq in 22..=25 {
+            hub.publish(event(seq, "a"));
+        }
+        assert!(hub.register(Scope::All, Some(22)).is_none(), "closed while prefilling");
+        hub.start();
+        let seqs = |reg: Registration| reg.backlog.map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>());
+        let fresh = hub.register(Scope::All, None).unwrap();
+        assert_eq!(fresh.head, 25, "a new client starts after the prefilled events");
+        assert_eq!(seqs(hub.register(Scope::All, Some(22)).unwrap()), Some(vec![23, 24, 25]));
+        assert_eq!(seqs(hub.register(Scope::All, Some(21)).unwrap()), None, "22 fell out of the window");
+    }
+
+    #[test]
+    fn a_prefill_that_found_nothing_still_starts_where_the_stream_was() {
+        let hub = Hub::new(8, 3);
+        hub.prefill_from(20);
+        // 21..=30 were purged: the first event seen is 31, and 21..=30 are not in memory.
+        hub.publish(event(31, "a"));
+        hub.start();
+        let seqs = |reg: Registration| reg.backlog.map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>());
+        assert_eq!(seqs(hub.register(Scope::All, Some(30)).unwrap()), Some(vec![31]));
+        assert_eq!(seqs(hub.register(Scope::All, Some(25)).unwrap()), None);
+    }
+
+    #[test]
     fn dropping_a_registration_unregisters_it() {
         let hub = Hub::new(8, 2);
-        hub.start(0);
+        hub.start();
         let reg = hub.register(accounts(&["a", "b"]), None).unwrap();
         assert_eq!(hub.entries(), 2, "one entry per account");
         drop(reg);
@@ -456,7 +510,7 @@ mod tests {
     #[test]
     fn reset_kicks_everyone_and_starts_over() {
         let hub = Hub::new(8, 2);
-        hub.start(0);
+        hub.start();
         hub.publish(event(5, "a"));
         let reg = hub.register(Scope::All, None).unwrap();
         hub.reset(0);

@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use shared::subjects::Subjects;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::event::Event;
 use crate::hub::SharedEvent;
@@ -34,25 +34,39 @@ const HISTORY_TIMEOUT: Duration = Duration::from_secs(10);
 /// History events written per flush.
 const HISTORY_BATCH: usize = 64;
 
+/// Resumes reading JetStream at once, per replica. A reconnect storm that reaches past
+/// the window waits its turn here instead of asking NATS for thousands of consumers at
+/// the same moment; meanwhile its live events queue up as in any catch-up.
+pub const MAX_HISTORY_READS: usize = 64;
+
 /// Where history is read from.
 #[derive(Clone)]
 pub struct History {
     pub js: jetstream::Context,
     pub stream_name: String,
     pub subjects: Subjects,
+    /// [`MAX_HISTORY_READS`] permits.
+    pub reads: Arc<Semaphore>,
 }
 
-/// First and last sequence the stream holds.
+/// The stream, with the first and last sequence it held when asked.
 struct Bounds {
+    stream: jetstream::stream::Stream,
     first: u64,
     last: u64,
 }
 
 impl History {
+    pub fn new(js: jetstream::Context, stream_name: String, subjects: Subjects) -> Self {
+        Self { js, stream_name, subjects, reads: Arc::new(Semaphore::new(MAX_HISTORY_READS)) }
+    }
+
+    /// One stream-info request; the handle it returns is reused for the consumer.
     async fn bounds(&self) -> anyhow::Result<Bounds> {
-        let mut stream = self.js.get_stream(&self.stream_name).await?;
-        let state = &stream.info().await?.state;
-        Ok(Bounds { first: state.first_sequence, last: state.last_sequence })
+        let stream = self.js.get_stream(&self.stream_name).await?;
+        let state = &stream.cached_info().state;
+        let (first, last) = (state.first_sequence, state.last_sequence);
+        Ok(Bounds { stream, first, last })
     }
 }
 
@@ -73,7 +87,9 @@ impl Connection {
             self.send_events(&events).await?;
             self.covered = head;
         } else {
-            let bounds = match self.ctx.history.bounds().await {
+            let history = self.ctx.history.clone();
+            let _permit = history.reads.acquire().await.map_err(|_| End::Close(Close::SHUTDOWN))?;
+            let bounds = match history.bounds().await {
                 Ok(bounds) => bounds,
                 Err(error) => {
                     tracing::warn!(error = %error, since, "resume: cannot read stream bounds");
@@ -92,7 +108,7 @@ impl Connection {
                 // A client ahead of this replica (it saw `since` elsewhere) skips
                 // whatever this replica still has to deliver up to `since`.
                 self.covered = since;
-                self.replay_stream(head).await?;
+                self.replay_stream(&bounds.stream, head).await?;
                 self.covered = self.covered.max(head);
             }
         }
@@ -112,26 +128,31 @@ impl Connection {
             );
             match backlog {
                 Some(events) => self.send_events(&events).await?,
-                None => self.replay_stream(head).await?,
+                None => {
+                    let history = self.ctx.history.clone();
+                    let _permit = history.reads.acquire().await.map_err(|_| End::Close(Close::SHUTDOWN))?;
+                    let stream = history.js.get_stream_no_info(&history.stream_name).await;
+                    let stream = stream.map_err(|error| self.history_failed(&error.to_string()))?;
+                    self.replay_stream(&stream, head).await?
+                }
             }
             self.covered = self.covered.max(head);
         }
         Ok(())
     }
 
-    /// Sends the events in `(covered, to]` from JetStream.
-    async fn replay_stream(&mut self, to: u64) -> Result<(), End> {
+    /// Sends the events in `(covered, to]` from JetStream, holding a history permit.
+    async fn replay_stream<I>(&mut self, stream: &jetstream::stream::Stream<I>, to: u64) -> Result<(), End> {
         if to <= self.covered {
             return Ok(());
         }
-        let history = self.ctx.history.clone();
+        let subjects = &self.ctx.history.subjects;
         let from = self.covered + 1;
         let filter = match self.scope.single_account() {
-            Some(account) => history.subjects.account(account),
-            None => history.subjects.all(),
+            Some(account) => subjects.account(account),
+            None => subjects.all(),
         };
         let created = async {
-            let stream = history.js.get_stream(&history.stream_name).await?;
             let consumer = stream
                 .create_consumer(consumer::pull::Config {
                     deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
@@ -142,9 +163,9 @@ impl Connection {
                     ..Default::default()
                 })
                 .await?;
-            anyhow::Ok((stream, consumer))
+            anyhow::Ok(consumer)
         };
-        let (stream, mut consumer) = match tokio::time::timeout(HISTORY_TIMEOUT, created).await {
+        let mut consumer = match tokio::time::timeout(HISTORY_TIMEOUT, created).await {
             Ok(Ok(created)) => created,
             Ok(Err(error)) => return Err(self.history_failed(&error.to_string())),
             Err(_) => return Err(self.history_failed("timed out creating a consumer")),

@@ -55,11 +55,7 @@ impl Application {
         };
         let ctx = ConnectionContext {
             hub,
-            history: History {
-                js,
-                stream_name: config.nats.stream_name.clone(),
-                subjects: config.nats.subject_prefix.clone(),
-            },
+            history: History::new(js, config.nats.stream_name.clone(), config.nats.subject_prefix.clone()),
             limits: Limits {
                 heartbeat: config.heartbeat(),
                 write_timeout: config.write_timeout(),

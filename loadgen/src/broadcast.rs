@@ -72,7 +72,7 @@ fn sent_us(text: &str) -> Option<u64> {
 }
 
 /// Refuses a NATS URL whose host is not this machine.
-async fn nats_is_loopback(url: &str) -> anyhow::Result<()> {
+pub(crate) async fn nats_is_loopback(url: &str) -> anyhow::Result<()> {
     for server in url.split(',') {
         let authority = server.trim().split("://").last().unwrap_or_default();
         let authority = authority.rsplit('@').next().unwrap_or_default().trim_end_matches('/');

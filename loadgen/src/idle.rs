@@ -135,7 +135,7 @@ pub async fn loopback_target(url: &str) -> anyhow::Result<SocketAddr> {
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Opens `target.connections` connections, each read by its own task, which calls
 /// `on_text` for every text frame after `hello`. Returns the connections and how many
@@ -152,14 +152,11 @@ where
         bail!("--connections is capped at 100000");
     }
     let addr = loopback_target(&target.url).await?;
-    let keys = JwtKeys::new(&SecretString::from(target.jwt_secret.clone()));
-    let token = keys.issue("loadgen", target.accounts.clone(), Duration::from_secs(24 * 3600));
-    let url = format!("{}{}token={token}", target.url, if target.url.contains('?') { '&' } else { '?' });
+    let url = url_with_token(target);
     let gate = Arc::new(Semaphore::new(target.concurrency.max(1)));
     let mut handshakes = tokio::task::JoinSet::new();
     for i in 0..target.connections {
-        let octet = target.first_source.wrapping_add((i % target.source_ips.max(1) as usize) as u8);
-        let source = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet.max(1))), 0);
+        let source = source_address(target, i);
         let permit = gate.clone().acquire_owned().await.expect("semaphore is never closed");
         let url = url.clone();
         handshakes.spawn(async move {
@@ -195,6 +192,28 @@ where
 }
 
 async fn open(url: &str, source: SocketAddr, addr: SocketAddr) -> anyhow::Result<Ws> {
+    open_with_hello(url, source, addr).await.map(|(ws, _)| ws)
+}
+
+/// A signed token for the target's accounts and `target.url` with it appended.
+pub fn url_with_token(target: &Target) -> String {
+    let keys = JwtKeys::new(&SecretString::from(target.jwt_secret.clone()));
+    let token = keys.issue("loadgen", target.accounts.clone(), Duration::from_secs(24 * 3600));
+    format!("{}{}token={token}", target.url, if target.url.contains('?') { '&' } else { '?' })
+}
+
+/// The loopback source address of the `i`-th connection.
+pub fn source_address(target: &Target, i: usize) -> SocketAddr {
+    let octet = target.first_source.wrapping_add((i % target.source_ips.max(1) as usize) as u8);
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet.max(1))), 0)
+}
+
+/// Opens one client connection and reads its `hello`, which it returns as well.
+pub async fn open_with_hello(
+    url: &str,
+    source: SocketAddr,
+    addr: SocketAddr,
+) -> anyhow::Result<(Ws, String)> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(source).with_context(|| format!("binding {source}"))?;
     let stream = socket.connect(addr).await.context("connecting")?;
@@ -207,7 +226,7 @@ async fn open(url: &str, source: SocketAddr, addr: SocketAddr) -> anyhow::Result
             .await
             .context("WebSocket handshake")?;
     match ws.next().await {
-        Some(Ok(Message::Text(text))) if text.contains("\"hello\"") => Ok(ws),
+        Some(Ok(Message::Text(text))) if text.contains("\"hello\"") => Ok((ws, text.as_str().to_owned())),
         other => bail!("expected hello, got {other:?}"),
     }
 }

@@ -10,6 +10,8 @@
 //!   loopback source addresses; reports fanout's resident memory per connection.
 //! - `broadcast`: events published straight to NATS at a fixed rate, fanned out to many
 //!   WebSocket clients; reports events/s in, frames/s out and delivery latency.
+//! - `resume`: a reconnect storm: many clients that missed the same events reconnect
+//!   at once with `?since=`; reports catch-up time, outcomes and exactness.
 //! - `floor`: the same fan-out done by the bare kernel (blocking writes to loopback TCP
 //!   sockets, read by one epoll loop): the floor `broadcast` is measured against.
 //!
@@ -19,6 +21,7 @@ pub mod broadcast;
 pub mod floor;
 pub mod idle;
 pub mod report;
+pub mod resume;
 pub mod simulate;
 pub mod webhooks;
 
@@ -41,6 +44,9 @@ pub enum Command {
     Idle(idle::Args),
     /// Publish events to NATS and measure their fan-out to many WebSocket clients.
     Broadcast(broadcast::Args),
+    /// A reconnect storm: many clients that missed the same events reconnect at once
+    /// with `?since=`; report how long they take to catch up and how.
+    Resume(resume::Args),
     /// Write one small message at a time to many loopback TCP sockets, with no
     /// WebSocket or runtime in the way: the floor under `broadcast`'s latency.
     Floor(floor::Args),
@@ -56,6 +62,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Idle(args) => idle::run(args).await,
         Command::Broadcast(args) => broadcast::run(args).await,
+        Command::Resume(args) => resume::run(args).await,
         Command::Floor(args) => tokio::task::spawn_blocking(move || floor::run(args)).await?,
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,

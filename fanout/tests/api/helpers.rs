@@ -16,6 +16,7 @@ use shared::claims::{Claims, JwtKeys};
 use shared::config::{LogFormat, NatsArgs, TelemetryArgs};
 use shared::envelope::{Envelope, EventType};
 use shared::subjects::Subjects;
+use testkit::StreamGuard;
 pub use testkit::nats_url;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -37,32 +38,8 @@ pub fn token(accounts: &[&str]) -> String {
     keys().issue("user-1", accounts.iter().map(|a| a.to_string()).collect(), Duration::from_secs(600))
 }
 
-/// Where a test's events live; the stream is deleted when the last holder drops.
-pub struct StreamGuard {
-    pub url: String,
-    pub name: String,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        let (url, name) = (self.url.clone(), self.name.clone());
-        // The test's runtime may be gone; clean up on a runtime of our own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let connect =
-                    async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(url);
-                if let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await {
-                    let js = jetstream::new(client);
-                    let _ = tokio::time::timeout(Duration::from_secs(3), js.delete_stream(&name)).await;
-                }
-            })
-        })
-        .join();
-    }
-}
-
-/// A test's stream, subjects and a JetStream client to publish with.
+/// A test's stream, subjects and a JetStream client to publish with; the stream is
+/// deleted when the last clone drops.
 #[derive(Clone)]
 pub struct Events {
     pub js: jetstream::Context,
@@ -84,7 +61,7 @@ impl Events {
             js: jetstream::new(client),
             stream_name: stream_name.clone(),
             subjects: Subjects::new(format!("fanouttest.{id}")).unwrap(),
-            _guard: Arc::new(StreamGuard { url: url.to_owned(), name: stream_name }),
+            _guard: Arc::new(StreamGuard::new(url, stream_name)),
         }
     }
 
@@ -183,6 +160,17 @@ impl TestApp {
             Ok(response) => response.status(),
             Err(_) => reqwest::StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// `fanout_resumes_total` by outcome, as `/metrics` shows it.
+    pub async fn resume_outcomes(&self) -> Vec<(String, u64)> {
+        let metrics = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix("fanout_resumes_total{outcome=\""))
+            .filter_map(|rest| rest.split_once("\"} "))
+            .map(|(outcome, n)| (outcome.to_owned(), n.trim().parse().unwrap()))
+            .collect()
     }
 
     /// Waits until `/readyz` says `ready`.

@@ -5,7 +5,7 @@ use serde_json::json;
 use tokio::net::TcpSocket;
 use tokio_tungstenite::MaybeTlsStream;
 
-use crate::helpers::{Frame, WsClient, spawn_app, spawn_app_with, token};
+use crate::helpers::{Frame, TestApp, WsClient, spawn_app, spawn_app_with, token};
 
 #[tokio::test]
 async fn resuming_on_the_same_replica_delivers_exactly_the_missed_events_then_live() {
@@ -27,30 +27,58 @@ async fn resuming_on_the_same_replica_delivers_exactly_the_missed_events_then_li
     assert_eq!(client.seqs(1).await, vec![live], "no duplicate, no gap");
 }
 
-#[tokio::test]
-async fn a_second_replica_that_never_saw_the_client_resumes_it_from_jetstream() {
-    let mut first = spawn_app().await;
+/// A client of `first` that saw one event, then `first` stops (1012) and `missed`
+/// events for its account (and as many for another) go by while it is away.
+async fn client_left_behind(first: &mut TestApp, missed: usize) -> (u64, Vec<u64>) {
     let (mut client, _) = first.connect_hello(&token(&["acc_a"]), None).await;
     let seen = first.events.publish("acc_a", Some("c"), json!({})).await;
     assert_eq!(client.seqs(1).await, vec![seen]);
-
     first.stop().await;
     match client.frame().await {
         Frame::Close(code, _) => assert_eq!(code, 1012, "shutdown closes with 1012"),
         other => panic!("expected a close, got {other:?}"),
     }
-    let mut missed = Vec::new();
-    for i in 0..4 {
-        missed.push(first.events.publish("acc_a", Some("c"), json!({"i": i})).await);
+    let mut events = Vec::new();
+    for i in 0..missed {
+        events.push(first.events.publish("acc_a", Some("c"), json!({"i": i})).await);
         first.events.publish("acc_other", Some("c"), json!({})).await;
     }
-    // Started after the events: its memory does not reach back, JetStream must.
+    (seen, events)
+}
+
+#[tokio::test]
+async fn a_replica_started_after_the_missed_events_resumes_them_from_its_prefilled_window() {
+    let mut first = spawn_app().await;
+    let (seen, missed) = client_left_behind(&mut first, 4).await;
+    // Started after the events: it reads the newest of them into memory before it
+    // opens, so the storm of clients coming from the stopped replica need no JetStream.
     let second = first.replica(|_| {}).await;
     let (mut client, hello) = second.connect_hello(&token(&["acc_a"]), Some(seen)).await;
     assert_eq!(hello["recovered"], true);
     assert_eq!(client.seqs(missed.len()).await, missed);
     let live = second.events.publish("acc_a", Some("c"), json!({})).await;
     assert_eq!(client.seqs(1).await, vec![live]);
+    assert_eq!(second.resume_outcomes().await, vec![("memory".to_owned(), 1)]);
+
+    // A new client starts at new messages, not at the prefilled ones.
+    let (mut fresh, hello) = second.connect_hello(&token(&["acc_a"]), None).await;
+    assert_eq!(hello["seq"], live);
+    let next = second.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(fresh.seqs(1).await, vec![next]);
+}
+
+#[tokio::test]
+async fn a_resume_older_than_the_window_is_read_from_jetstream_on_a_replica_that_never_saw_the_client() {
+    let mut first = spawn_app().await;
+    let (seen, missed) = client_left_behind(&mut first, 4).await;
+    // Its window holds the newest 2 of the 8 events since `seen`: JetStream must serve.
+    let second = first.replica(|c| c.replay_window = 2).await;
+    let (mut client, hello) = second.connect_hello(&token(&["acc_a"]), Some(seen)).await;
+    assert_eq!(hello["recovered"], true);
+    assert_eq!(client.seqs(missed.len()).await, missed);
+    let live = second.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(client.seqs(1).await, vec![live]);
+    assert_eq!(second.resume_outcomes().await, vec![("stream".to_owned(), 1)]);
 }
 
 #[tokio::test]

@@ -1,0 +1,118 @@
+//! `loadgen resume` end to end: the real binary against a real fanout replica on the
+//! machine's NATS, in both of its steps (publish only, then the storm with `--since`).
+
+use fanout::config::{Cli, Command};
+use serde_json::json;
+use shared::envelope::{Envelope, EventType};
+use shared::subjects::Subjects;
+use testkit::{StreamGuard, nats_url};
+use tokio::sync::oneshot;
+
+const SECRET: &str = "loadgen-resume-test-secret";
+
+/// A fanout replica on a free port; stops when the sender drops.
+async fn start_fanout(stream: &str, prefix: &str, window: usize) -> (u16, oneshot::Sender<()>) {
+    let args = [
+        "fanout".to_owned(),
+        "--listen=127.0.0.1:0".to_owned(),
+        format!("--jwt-secret={SECRET}"),
+        format!("--nats-url={}", nats_url()),
+        format!("--stream-name={stream}"),
+        format!("--subject-prefix={prefix}"),
+        format!("--replay-window={window}"),
+    ];
+    let Command::Serve(config) = Cli::try_parse_with_default(args).expect("configuration parses").command
+    else {
+        panic!("serve is the default subcommand");
+    };
+    let app = fanout::Application::build(config).await.expect("fanout builds");
+    let port = app.port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    for _ in 0..100 {
+        if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
+            return (port, stop);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("fanout did not become ready");
+}
+
+async fn loadgen(port: u16, prefix: &str, extra: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["resume", "--url", &format!("ws://127.0.0.1:{port}/ws/messages")])
+        .args(["--jwt-secret", SECRET, "--nats-url", &nats_url(), "--subject-prefix", prefix])
+        .args(extra)
+        .output()
+        .await
+        .expect("loadgen runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "loadgen failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+#[tokio::test]
+async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_from_memory() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (stream, prefix) = (format!("LOADGEN_TEST_{id}"), format!("loadgentest.{id}"));
+    let _guard = StreamGuard::new(nats_url(), stream.as_str());
+    // The replica that creates the stream, then stops before the events.
+    let (port, stop) = start_fanout(&stream, &prefix, 0).await;
+    let published = loadgen(port, &prefix, &["--publish-only", "--missed", "7"]).await;
+    let since = published
+        .split("--since ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no --since in: {published}"))
+        .to_owned();
+    drop(stop);
+
+    // With a window, a replica started now holds the events in memory...
+    let (port, _stop) = start_fanout(&stream, &prefix, 100).await;
+    let storm = ["--since", &since, "--missed", "7", "--connections", "30"];
+    let out = loadgen(port, &prefix, &storm).await;
+    assert!(out.contains("30 of 30 clients caught up on 7 missed events"), "{out}");
+    assert!(out.contains("hello.recovered: 30 true, 0 false"), "{out}");
+    assert!(out.contains("exactly the missed events in order: yes"), "{out}");
+    assert!(out.contains(r#"{"memory": 30.0}"#), "{out}");
+
+    // ...and without one, every client reads JetStream, with the same result.
+    let (port, _stop) = start_fanout(&stream, &prefix, 0).await;
+    let out = loadgen(port, &prefix, &storm).await;
+    assert!(out.contains("30 of 30 clients caught up on 7 missed events"), "{out}");
+    assert!(out.contains("exactly the missed events in order: yes"), "{out}");
+    assert!(out.contains(r#"{"stream": 30.0}"#), "{out}");
+}
+
+#[tokio::test]
+async fn clients_that_did_not_get_exactly_the_expected_events_are_reported() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (stream, prefix) = (format!("LOADGEN_TEST_{id}"), format!("loadgentest.{id}"));
+    let _guard = StreamGuard::new(nats_url(), stream.as_str());
+    let (port, _stop) = start_fanout(&stream, &prefix, 100).await;
+    let published = loadgen(port, &prefix, &["--publish-only", "--missed", "2"]).await;
+    let since: u64 =
+        published.split("--since ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    // An event of another chat right after them: a run told to expect three loadgen
+    // events after `since` gets two, then this one.
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let subject = Subjects::new(prefix.clone()).unwrap().event(
+        "acc_loadgen",
+        Some("chat_other"),
+        EventType::MessageNew,
+    );
+    let envelope = Envelope::new(
+        EventType::MessageNew,
+        "acc_loadgen",
+        Some("chat_other".into()),
+        chrono::Utc::now(),
+        json!({}),
+    );
+    js.publish(subject, envelope.to_bytes().into()).await.unwrap().await.unwrap();
+    let out =
+        loadgen(port, &prefix, &["--since", &since.to_string(), "--missed", "3", "--connections", "5"]).await;
+    assert!(out.contains("exactly the missed events in order: NO (5 clients)"), "{out}");
+}
