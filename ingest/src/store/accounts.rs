@@ -80,15 +80,15 @@ pub async fn apply(
         results[i] = Some(match updated {
             Some(account) => Written {
                 outcome: Outcome::Accepted,
-                event: Some(Envelope::new(
+                events: vec![Envelope::new(
                     EventType::AccountStatus,
                     account.id.clone(),
                     None,
                     change.at,
                     json!({ "account": account }),
-                )),
+                )],
             },
-            None => Written { outcome: Outcome::Duplicate, event: None },
+            None => Written { outcome: Outcome::Duplicate, events: Vec::new() },
         });
     }
     Ok(results.into_iter().map(|r| r.expect("every change was applied")).collect())

@@ -163,7 +163,7 @@ pub async fn commit(
         .unzip();
     for (i, inserted) in indexes.into_iter().zip(messages::insert(&mut tx, &new_messages).await?) {
         outcomes[i] = inserted.outcome;
-        events.extend(inserted.event.map(|e| (i, e)));
+        events.extend(inserted.events.into_iter().map(|e| (i, e)));
     }
 
     // After the inserts, so an update finds a message of the same batch. Messages are
@@ -187,7 +187,7 @@ pub async fn commit(
     let done = done.chain(status_indexes.into_iter().zip(status_applied));
     for (i, applied) in done.chain(read_indexes.into_iter().zip(read_applied)) {
         outcomes[i] = applied.outcome;
-        events.extend(applied.event.map(|e| (i, e)));
+        events.extend(applied.events.into_iter().map(|e| (i, e)));
     }
 
     // Events leave in the order their deliveries were queued.

@@ -35,18 +35,20 @@ pub async fn mark_read(
         .fetch_optional(&mut **tx)
         .await?;
         results[i] = Some(match chat {
-            Some(chat) => Written {
-                outcome: Outcome::Accepted,
-                event: Some(Envelope::new(
-                    EventType::ChatRead,
-                    chat.account_id.clone(),
-                    Some(chat.id.clone()),
-                    Utc::now(),
-                    json!({ "chat": chat }),
-                )),
-            },
-            None => Written { outcome: Outcome::Duplicate, event: None },
+            Some(chat) => Written { outcome: Outcome::Accepted, events: vec![chat_read(chat)] },
+            None => Written { outcome: Outcome::Duplicate, events: Vec::new() },
         });
     }
     Ok(results.into_iter().map(|r| r.expect("every read was applied")).collect())
+}
+
+/// The `chat:read` event: the chat with its new unread count, for the user's tabs.
+pub fn chat_read(chat: ChatRecord) -> Envelope {
+    Envelope::new(
+        EventType::ChatRead,
+        chat.account_id.clone(),
+        Some(chat.id.clone()),
+        Utc::now(),
+        json!({ "chat": chat }),
+    )
 }

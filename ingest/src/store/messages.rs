@@ -158,7 +158,7 @@ pub async fn insert(
                 json!({ "message": MessageView { text: new_ids[&m.message_id].clone(), ..m.view() }, "chat": view }),
             )
         });
-        results.push(Written { outcome, event });
+        results.push(Written { outcome, events: event.into_iter().collect() });
     }
     results.reverse();
     Ok(results)

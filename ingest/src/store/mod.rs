@@ -28,11 +28,11 @@ pub enum Outcome {
     Ignored,
 }
 
-/// What one write of a batch did, and the event it emits (if any) for the outbox.
+/// What one write of a batch did, and the events it emits (in order) for the outbox.
 #[derive(Debug)]
 pub struct Written {
     pub outcome: Outcome,
-    pub event: Option<shared::envelope::Envelope>,
+    pub events: Vec<shared::envelope::Envelope>,
 }
 
 /// One delivery's worth of writes.

@@ -8,7 +8,10 @@
 //!
 //! Rules, all idempotent (a repeated delivery changes nothing, answers `duplicate` and
 //! emits nothing):
-//! - read: `seen` becomes true with `seen_at` = the event's time.
+//! - read: `seen` becomes true with `seen_at` = the event's time. A receipt for an
+//!   incoming message means the user read it elsewhere: the chat's unread count goes
+//!   down to the incoming messages after it that are unread (never up), and a
+//!   `chat:read` follows the `message:read` when it changed.
 //! - delivered: `delivered_at` is set; no event (the contract has no such type).
 //! - reaction: one reaction per person; a new emoji replaces theirs, an empty one removes
 //!   it. One older than the person's stored reaction is stale and `ignored`.
@@ -31,8 +34,9 @@ use shared::envelope::{Envelope, EventType};
 use shared::unipile::{MessagingEvent, MessagingEventKind};
 use sqlx::{Postgres, Transaction};
 
+use super::chats;
 use super::messages::{NewMessage, PREVIEW_CHARS, sender_view};
-use super::views::{MESSAGE_COLUMNS, MessageRow, Person, Reaction};
+use super::views::{CHAT_COLUMNS, ChatRecord, MESSAGE_COLUMNS, MessageRow, Person, Reaction};
 use super::{Outcome, Written};
 
 /// What happened to a message.
@@ -102,10 +106,13 @@ pub async fn apply(
     let mut results = Vec::with_capacity(updates.len());
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut previews: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
+    // Per chat, the newest incoming message read by these receipts, and which result
+    // announces the chat's lower unread count.
+    let mut reads_in: BTreeMap<String, (DateTime<Utc>, usize)> = BTreeMap::new();
     for update in updates {
         let Some(row) = rows.get_mut(&update.message.message_id) else {
             // Inserted or found above, under lock: cannot be missing.
-            results.push(Written { outcome: Outcome::Ignored, event: None });
+            results.push(Written { outcome: Outcome::Ignored, events: Vec::new() });
             continue;
         };
         let (outcome, event) = change(row, update);
@@ -114,17 +121,28 @@ pub async fn apply(
             if matches!(update.change, Change::Edited { .. } | Change::Deleted) {
                 previews.insert((row.chat_id.clone(), row.id.clone()), preview(row));
             }
+            if update.change == Change::Read && !row.is_sender && !row.placeholder {
+                let read = reads_in.entry(row.chat_id.clone()).or_insert((row.sent_at, results.len()));
+                if row.sent_at >= read.0 {
+                    *read = (row.sent_at, results.len());
+                }
+            }
         }
         let event = event.map(|(event_type, mut data)| {
             data["message_id"] = json!(row.id);
             data["message"] = json!(row.record());
             Envelope::new(event_type, row.account_id.clone(), Some(row.chat_id.clone()), update.at, data)
         });
-        results.push(Written { outcome, event });
+        results.push(Written { outcome, events: event.into_iter().collect() });
     }
     let changed: Vec<&MessageRow> = dirty.iter().map(|id| &rows[id]).collect();
     write_back(tx, &changed).await?;
     update_previews(tx, &previews).await?;
+    for (chat_id, (sent_at, result)) in reads_in {
+        if let Some(chat) = lower_unread(tx, &chat_id, sent_at).await? {
+            results[result].events.push(chats::chat_read(chat));
+        }
+    }
     Ok(results)
 }
 
@@ -210,6 +228,29 @@ fn preview(row: &MessageRow) -> Option<String> {
         _ if !record.attachments.is_empty() => Some("[attachment]".to_owned()),
         _ => None,
     }
+}
+
+/// The user read an incoming message elsewhere (on their phone, say): what is still
+/// unread in its chat is at most the incoming messages after it that are neither read
+/// nor deleted. Never raises the count (Unipile's own count, adopted by a backfill, may
+/// hold messages the relay does not). Returns the chat when its count went down.
+async fn lower_unread(
+    tx: &mut Transaction<'_, Postgres>,
+    chat_id: &str,
+    read_sent_at: DateTime<Utc>,
+) -> Result<Option<ChatRecord>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "update chats c set unread_count = later.unread, updated_at = now()
+         from (select count(*) as unread from messages m
+               where m.chat_id = $1 and not m.is_sender and not m.seen and m.deleted_at is null
+                 and m.sent_at > $2) later
+         where c.id = $1 and c.unread_count > later.unread
+         returning {CHAT_COLUMNS}"
+    ))
+    .bind(chat_id)
+    .bind(read_sent_at)
+    .fetch_optional(&mut **tx)
+    .await
 }
 
 /// Makes sure every updated message has a row: the unknown ones get a placeholder (and

@@ -93,6 +93,54 @@ async fn a_read_receipt_marks_the_message_seen_once_and_emits_message_read() {
 }
 
 #[tokio::test]
+async fn reading_an_incoming_message_elsewhere_lowers_the_unread_count_and_emits_chat_read() {
+    let app = spawn_app().await;
+    let query = format!("select unread_count from chats where id = '{CHAT}'");
+    let unread = || app.count(&query);
+    let mut ids = Vec::new();
+    for at in ["2026-11-28T16:01:00.000Z", "2026-11-28T16:02:00.000Z", "2026-11-28T16:03:00.000Z"] {
+        let (id, message) = received(at);
+        app.post_message_expect(&message, "accepted").await;
+        ids.push(id);
+    }
+    assert_eq!(unread().await, 3);
+
+    // Read up to the second on the phone: the third is still unread.
+    app.post_message_expect(&update("message_read.json", &ids[1]), "accepted").await;
+    assert_eq!(unread().await, 1);
+    let events = app.stream_events(5, WAIT).await;
+    let kinds: Vec<EventType> = events.iter().map(|(_, e)| e.event_type).collect();
+    assert_eq!(kinds[3..], [EventType::MessageRead, EventType::ChatRead]);
+    let chat_read = &events[4].1;
+    assert_eq!((chat_read.account_id.as_str(), chat_read.chat_id.as_deref()), (ACCOUNT, Some(CHAT)));
+    assert_eq!(chat_read.data["chat"]["unread_count"], 1);
+
+    // An older message read later never raises the count back.
+    app.post_message_expect(&update("message_read.json", &ids[0]), "accepted").await;
+    assert_eq!(unread().await, 1);
+    app.post_message_expect(&update("message_read.json", &ids[2]), "accepted").await;
+    assert_eq!(unread().await, 0);
+    let kinds: Vec<EventType> = app.stream_events(8, WAIT).await.iter().map(|(_, e)| e.event_type).collect();
+    assert_eq!(
+        kinds[5..],
+        [EventType::MessageRead, EventType::MessageRead, EventType::ChatRead],
+        "no chat:read when the count did not change"
+    );
+
+    // The user's own message being read (a receipt from the other side) is not theirs to read.
+    let mut own = received("2026-11-28T16:04:00.000Z");
+    own.1["is_sender"] = true.into();
+    app.post_message_expect(&own.1, "accepted").await;
+    let (latest, message) = received("2026-11-28T16:05:00.000Z");
+    app.post_message_expect(&message, "accepted").await;
+    assert_eq!(unread().await, 1);
+    app.post_message_expect(&update("message_read.json", &own.0), "accepted").await;
+    assert_eq!(unread().await, 1, "a receipt for an outgoing message leaves the count");
+    app.post_message_expect(&update("message_read.json", &latest), "accepted").await;
+    assert_eq!(unread().await, 0);
+}
+
+#[tokio::test]
 async fn reactions_are_kept_per_person_replaced_and_removed_with_one_event_each() {
     let app = spawn_app().await;
     let (id, message) = received("2026-11-28T16:02:11.000Z");
