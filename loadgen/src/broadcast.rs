@@ -20,34 +20,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use shared::envelope::{Envelope, EventType};
-use shared::subjects::Subjects;
 
 use crate::idle::{Counters, Target, connect_many};
+use crate::publish::{PublishArgs, Publisher};
 use crate::report::{self, CpuTime, now_us};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     target: Target,
-    /// NATS server the relay's stream lives on.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// Subject prefix of the relay (events go to `{prefix}.{account}.{chat}.{type}`).
-    #[arg(long, env = "SUBJECT_PREFIX", default_value = "relay.events")]
-    subject_prefix: String,
-    /// Account the published events belong to.
-    #[arg(long, default_value = "acc_loadgen")]
-    account: String,
+    #[command(flatten)]
+    publish: PublishArgs,
     /// Events published per second.
     #[arg(long, default_value_t = 10)]
     rate: u64,
     /// Seconds of publishing (at most 600).
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Padding added to each event's data, in bytes.
-    #[arg(long, default_value_t = 200)]
-    payload_bytes: usize,
     /// fanout's process id, to report its CPU time per frame out.
     #[arg(long)]
     pid: Option<u32>,
@@ -71,28 +60,11 @@ fn sent_us(text: &str) -> Option<u64> {
     number_field(text, "\"t_us\":")
 }
 
-/// Refuses a NATS URL whose host is not this machine.
-pub(crate) async fn nats_is_loopback(url: &str) -> anyhow::Result<()> {
-    for server in url.split(',') {
-        let authority = server.trim().split("://").last().unwrap_or_default();
-        let authority = authority.rsplit('@').next().unwrap_or_default().trim_end_matches('/');
-        let authority =
-            if authority.contains(':') { authority.to_owned() } else { format!("{authority}:4222") };
-        let loopback = tokio::net::lookup_host(&authority)
-            .await
-            .with_context(|| format!("resolving {authority}"))?
-            .all(|addr| addr.ip().is_loopback());
-        anyhow::ensure!(loopback, "{server} is not a loopback address; loadgen only targets this machine");
-    }
-    Ok(())
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let subjects = Subjects::new(args.subject_prefix.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let duration = args.duration.min(600);
     let rate = args.rate.clamp(1, 100_000);
     let total = rate * duration;
-    nats_is_loopback(&args.nats_url).await?;
+    let publisher = Publisher::connect(&args.publish).await?;
     let latencies = Arc::new(Mutex::new(report::latency_histogram()));
     let counters = Arc::new(Counters::default());
     let last_frame = Arc::new(AtomicU64::new(0));
@@ -121,13 +93,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let client = async_nats::connect(args.nats_url.as_str())
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
-    let subject = subjects.event(&args.account, Some("chat_loadgen"), EventType::MessageNew);
+    let subject = publisher.subject.clone();
     // A plain NATS subscriber beside the clients: how much of the latency is NATS's.
     let nats_hop = Arc::new(Mutex::new(report::latency_histogram()));
-    let mut hop_subscriber = client.subscribe(subject.clone()).await.context("subscribing to the subject")?;
+    let mut hop_subscriber =
+        publisher.client.subscribe(subject.clone()).await.context("subscribing to the subject")?;
     let hop_reader = tokio::spawn({
         let nats_hop = nats_hop.clone();
         async move {
@@ -139,8 +109,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     });
-    let js = async_nats::jetstream::new(client);
-    let padding = "x".repeat(args.payload_bytes);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let failed_publishes = Arc::new(AtomicU64::new(0));
     let mut acks = tokio::task::JoinSet::new();
@@ -156,15 +124,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let start_us = now_us();
     for i in 0..total {
         tokio::time::sleep_until((start + interval.mul_f64(i as f64)).into()).await;
-        let data = json!({"t_us": now_us(), "i": i, "pad": padding});
-        let envelope = Envelope::new(
-            EventType::MessageNew,
-            &args.account,
-            Some("chat_loadgen".into()),
-            chrono::Utc::now(),
-            data,
-        );
-        match js.publish(subject.clone(), envelope.to_bytes().into()).await {
+        match publisher.publish(json!({"t_us": now_us(), "i": i})).await {
             Ok(ack) => {
                 let failed = failed_publishes.clone();
                 acks.spawn(async move {

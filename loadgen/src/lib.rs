@@ -20,6 +20,7 @@
 pub mod broadcast;
 pub mod floor;
 pub mod idle;
+pub mod publish;
 pub mod report;
 pub mod resume;
 pub mod simulate;

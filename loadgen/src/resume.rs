@@ -26,34 +26,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde_json::json;
-use shared::envelope::{Envelope, EventType};
-use shared::subjects::Subjects;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::broadcast::nats_is_loopback;
 use crate::idle::{Target, Ws, loopback_target, open_with_hello, source_address, url_with_token};
+use crate::publish::{CHAT, PublishArgs, Publisher};
 use crate::report::{self, CpuTime};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     target: Target,
-    /// NATS server the relay's stream lives on.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// Subject prefix of the relay (events go to `{prefix}.{account}.{chat}.{type}`).
-    #[arg(long, env = "SUBJECT_PREFIX", default_value = "relay.events")]
-    subject_prefix: String,
-    /// Account the published events belong to.
-    #[arg(long, default_value = "acc_loadgen")]
-    account: String,
+    #[command(flatten)]
+    publish: PublishArgs,
     /// Events every client missed: published before the clients reconnect.
     #[arg(long, default_value_t = 100)]
     missed: u64,
-    /// Padding added to each event's data, in bytes.
-    #[arg(long, default_value_t = 200)]
-    payload_bytes: usize,
     /// Only publish the missed events and print the `since` to resume from, so that a
     /// replica can be (re)started after them before the storm.
     #[arg(long, conflicts_with = "since")]
@@ -85,12 +73,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.target.connections > 100_000 || args.missed > 100_000 {
         bail!("--connections and --missed are capped at 100000");
     }
-    let subjects = Subjects::new(args.subject_prefix.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    nats_is_loopback(&args.nats_url).await?;
     let addr = loopback_target(&args.target.url).await?;
     let seqs = match args.since {
         Some(since) => (since + 1..=since + args.missed.max(1)).collect(),
-        None => publish(&args, &subjects).await?,
+        None => publish(&args).await?,
     };
     let since = seqs[0] - 1;
     if args.publish_only {
@@ -200,24 +186,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Publishes the missed events; returns their sequences (one after another unless
 /// something else publishes to the stream meanwhile).
-async fn publish(args: &Args, subjects: &Subjects) -> anyhow::Result<Vec<u64>> {
-    let client = async_nats::connect(args.nats_url.as_str())
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
-    let js = async_nats::jetstream::new(client);
-    let subject = subjects.event(&args.account, Some("chat_loadgen"), EventType::MessageNew);
-    let padding = "x".repeat(args.payload_bytes);
+async fn publish(args: &Args) -> anyhow::Result<Vec<u64>> {
+    let publisher = Publisher::connect(&args.publish).await?;
     let mut seqs = Vec::with_capacity(args.missed as usize);
     for i in 0..args.missed.max(1) {
-        let data = json!({"i": i, "pad": padding});
-        let envelope = Envelope::new(
-            EventType::MessageNew,
-            &args.account,
-            Some("chat_loadgen".into()),
-            chrono::Utc::now(),
-            data,
-        );
-        let ack = js.publish(subject.clone(), envelope.to_bytes().into()).await.context("publishing")?;
+        let ack = publisher.publish(json!({ "i": i })).await?;
         seqs.push(ack.await.context("publish acknowledged")?.sequence);
     }
     if seqs.windows(2).any(|pair| pair[1] != pair[0] + 1) {
@@ -237,7 +210,7 @@ async fn catch_up(mut ws: Ws, expected: Arc<Vec<u64>>, recovered: bool, opened: 
             Ok(Message::Text(text)) => {
                 let text = text.as_str();
                 let Some(seq) = seq_of(text) else { continue };
-                if text.contains("chat_loadgen") {
+                if text.contains(CHAT) {
                     in_order &= expected.get(got) == Some(&seq);
                     got += 1;
                 }
