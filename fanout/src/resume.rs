@@ -20,11 +20,12 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use shared::subjects::Subjects;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::event::Event;
-use crate::hub::SharedEvent;
+use crate::hub::{ConnShared, SharedEvent};
 use crate::metrics;
+use crate::state::ConnectionContext;
 use crate::ws::{Close, Connection, End, hello};
 
 /// Catch-up rounds after lagging before the client counts as too slow.
@@ -87,9 +88,8 @@ impl Connection {
             self.send_events(&events).await?;
             self.covered = head;
         } else {
-            let history = self.ctx.history.clone();
-            let _permit = history.reads.acquire().await.map_err(|_| End::Close(Close::SHUTDOWN))?;
-            let bounds = match history.bounds().await {
+            let _permit = history_permit(&self.ctx, &self.shared).await?;
+            let bounds = match self.ctx.history.bounds().await {
                 Ok(bounds) => bounds,
                 Err(error) => {
                     tracing::warn!(error = %error, since, "resume: cannot read stream bounds");
@@ -129,8 +129,8 @@ impl Connection {
             match backlog {
                 Some(events) => self.send_events(&events).await?,
                 None => {
-                    let history = self.ctx.history.clone();
-                    let _permit = history.reads.acquire().await.map_err(|_| End::Close(Close::SHUTDOWN))?;
+                    let _permit = history_permit(&self.ctx, &self.shared).await?;
+                    let history = &self.ctx.history;
                     let stream = history.js.get_stream_no_info(&history.stream_name).await;
                     let stream = stream.map_err(|error| self.history_failed(&error.to_string()))?;
                     self.replay_stream(&stream, head).await?
@@ -225,5 +225,16 @@ impl Connection {
         tracing::warn!(error, covered = self.covered, "resume: reading history failed");
         metrics::resume("failed");
         End::Close(Close::RESUME_FAILED)
+    }
+}
+
+/// Waits for a turn to read JetStream (see [`MAX_HISTORY_READS`]), giving up when the
+/// hub drops the connection or the server shuts down.
+async fn history_permit(ctx: &ConnectionContext, shared: &ConnShared) -> Result<OwnedSemaphorePermit, End> {
+    let reads = ctx.history.reads.clone();
+    tokio::select! {
+        permit = reads.acquire_owned() => permit.map_err(|_| End::Close(Close::SHUTDOWN)),
+        kick = shared.kicked() => Err(End::Close(kick.into())),
+        _ = ctx.shutdown.cancelled() => Err(End::Close(Close::SHUTDOWN)),
     }
 }
