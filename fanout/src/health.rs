@@ -34,6 +34,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "following": following,
         "stopping": stopping,
         "connections": state.slots.used(),
+        "max_connections": state.slots.max(),
         "seq": state.ctx.hub.head(),
     });
     (status, Json(body))

@@ -24,6 +24,9 @@ use crate::{health, page, ws};
 
 /// Pending connections the listener queues while the server accepts.
 const LISTEN_BACKLOG: u32 = 4096;
+/// Open files kept for everything but WebSocket connections: the listener, NATS,
+/// requests that have not upgraded yet, probes, logs.
+const FILES_RESERVED: u64 = 256;
 
 /// A built, not yet running, fanout server.
 pub struct Application {
@@ -39,6 +42,15 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         // Install the recorder before any metric handle is created.
         let _ = shared::telemetry::metrics_handle();
+        let max_connections = connection_limit(config.max_connections, raise_open_files_limit());
+        if max_connections < config.max_connections {
+            tracing::warn!(
+                configured = config.max_connections,
+                serving = max_connections,
+                "FANOUT_MAX_CONNECTIONS is more than this process's open-file limit allows; \
+                 raise the hard limit (ulimit -Hn, or `ulimits` in compose) to serve more"
+            );
+        }
         let listener = bind(config.listen)?;
         let client = config.nats.connect("fanout").await?;
         let js = async_nats::jetstream::new(client.clone());
@@ -67,7 +79,7 @@ impl Application {
         let state = AppState {
             keys: Arc::new(JwtKeys::new(&config.jwt_secret)),
             ctx: Arc::new(ctx),
-            slots: Slots::new(config.max_connections),
+            slots: Slots::new(max_connections),
             tracker: TaskTracker::new(),
             follower: status,
             nats: client,
@@ -156,4 +168,38 @@ pub fn router(state: AppState) -> Router {
             tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
         }))
         .with_state(state)
+}
+
+/// Raises the soft open-file limit to the hard one, as Go programs do at start: the
+/// default soft limit (1024 in containers by default) would stop the server near a
+/// thousand sockets while the hard limit allows far more. Returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(files) => files,
+        Err(error) => {
+            tracing::warn!(%error, "cannot raise the open-file limit");
+            rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).unwrap_or(u64::MAX)
+        }
+    }
+}
+
+/// Connections a replica takes: the configured number, but never so many that
+/// accepting runs out of files (a clean 503 beats stalled accepts).
+fn connection_limit(configured: usize, open_files: u64) -> usize {
+    let for_sockets = open_files.saturating_sub(FILES_RESERVED).max(open_files / 2);
+    configured.min(usize::try_from(for_sockets).unwrap_or(usize::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_limit;
+
+    #[test]
+    fn the_connection_limit_leaves_room_for_other_files() {
+        assert_eq!(connection_limit(20_000, 1_048_576), 20_000);
+        assert_eq!(connection_limit(20_000, 20_000), 19_744);
+        assert_eq!(connection_limit(20_000, 1024), 768);
+        assert_eq!(connection_limit(20_000, 300), 150, "at least half for tiny limits");
+        assert_eq!(connection_limit(10, 1024), 10);
+    }
 }

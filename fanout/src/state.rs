@@ -80,6 +80,10 @@ impl Slots {
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
 }
 
 impl Drop for Slot {

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{Frame, spawn_app, spawn_app_with, token};
+use crate::helpers::{Events, Frame, SECRET, nats_url, spawn_app, spawn_app_with, token, wait_until};
 
 #[tokio::test]
 async fn health_and_readiness_answer_and_metrics_name_the_series() {
@@ -48,4 +48,36 @@ async fn shutdown_closes_every_socket_with_1012() {
             other => panic!("expected close 1012, got {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn the_binary_raises_a_low_soft_open_file_limit_and_sizes_its_connection_limit_to_the_hard_one() {
+    let events = Events::new(&nats_url()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // What a container often starts with: a soft limit of a few hundred files (1024 in
+    // Docker) under a higher hard one. Here: soft 256, hard 600.
+    let mut fanout = tokio::process::Command::new("bash")
+        .args(["-c", r#"ulimit -Sn 256 && ulimit -Hn 600 && exec "$0" "$@""#, env!("CARGO_BIN_EXE_fanout")])
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--jwt-secret={SECRET}"))
+        .arg(format!("--nats-url={}", nats_url()))
+        .arg(format!("--stream-name={}", events.stream_name))
+        .arg(format!("--subject-prefix={}", events.subjects.prefix()))
+        .arg("--max-connections=1000")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("bash runs fanout");
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    wait_until("the binary to be ready", || async {
+        reqwest::get(&readyz).await.is_ok_and(|response| response.status() == 200)
+    })
+    .await;
+    let body: serde_json::Value = reqwest::get(&readyz).await.unwrap().json().await.unwrap();
+    // 600 files, 256 kept for the listener, NATS and requests not upgraded yet.
+    assert_eq!(body["max_connections"], 344, "{body}");
+    let pid = fanout.id().expect("running");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    assert_eq!(files.split_whitespace().skip(3).take(2).collect::<Vec<_>>(), ["600", "600"], "{files}");
+    fanout.kill().await.unwrap();
 }
