@@ -42,7 +42,8 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         // Install the recorder before any metric handle is created.
         let _ = shared::telemetry::metrics_handle();
-        let max_connections = connection_limit(config.max_connections, raise_open_files_limit());
+        let max_connections =
+            connection_limit(config.max_connections, shared::http::raise_open_files_limit());
         if max_connections < config.max_connections {
             tracing::warn!(
                 configured = config.max_connections,
@@ -168,19 +169,6 @@ pub fn router(state: AppState) -> Router {
             tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
         }))
         .with_state(state)
-}
-
-/// Raises the soft open-file limit to the hard one, as Go programs do at start: the
-/// default soft limit (1024 in containers by default) would stop the server near a
-/// thousand sockets while the hard limit allows far more. Returns the limit in force.
-fn raise_open_files_limit() -> u64 {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(files) => files,
-        Err(error) => {
-            tracing::warn!(%error, "cannot raise the open-file limit");
-            rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).unwrap_or(u64::MAX)
-        }
-    }
 }
 
 /// Connections a replica takes: the configured number, but never so many that

@@ -42,6 +42,8 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let open_files = shared::http::raise_open_files_limit();
+        tracing::debug!(open_files, "open-file limit");
         let db = connect_database(&config).await?;
         MIGRATOR.run(&db).await.context("applying database migrations")?;
         let nats = config.nats.connect("ingest").await?;

@@ -95,6 +95,19 @@ fn serve_connection(
     });
 }
 
+/// Raises the soft open-file limit to the hard one, as Go programs do at start: the
+/// default soft limit (1024 in containers, often) would stop a server near a thousand
+/// sockets while the hard limit allows far more. Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(files) => files,
+        Err(error) => {
+            tracing::warn!(%error, "cannot raise the open-file limit");
+            rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).unwrap_or(u64::MAX)
+        }
+    }
+}
+
 /// A refused or reset connection is the client's business. Anything else (out of
 /// files, say) is worth a log line and a pause, so the loop does not spin on it.
 async fn on_accept_error(error: io::Error) {
