@@ -122,22 +122,29 @@ pub async fn insert(
     }
     upsert_accounts(tx, messages).await?;
     upsert_chats(tx, messages).await?;
-    let new_ids = insert_rows(tx, messages).await?;
+    let new_rows = insert_rows(tx, messages).await?;
 
     // The first occurrence of a new id is the one that was stored.
     let mut claimed = HashSet::new();
     let stored: Vec<bool> = messages
         .iter()
-        .map(|m| new_ids.contains_key(&m.message_id) && claimed.insert(m.message_id.as_str()))
+        .map(|m| new_rows.contains_key(&m.message_id) && claimed.insert(m.message_id.as_str()))
         .collect();
-    let chats = bump_chats(tx, messages, &stored).await?;
+    // Unread: a live incoming message, unless a receipt that came before it says the
+    // user already read it elsewhere.
+    let unread: Vec<bool> = messages
+        .iter()
+        .zip(&stored)
+        .map(|(m, &is_new)| is_new && m.live && !m.is_sender && !new_rows[&m.message_id].seen)
+        .collect();
+    let chats = bump_chats(tx, messages, &stored, &unread).await?;
 
     // Unread count after each message: the chat's final count minus the unread
     // messages of this batch that come after it.
     let mut unread_after: HashMap<&str, i64> =
         chats.iter().map(|(id, c)| (id.as_str(), c.unread_count)).collect();
     let mut results: Vec<Written> = Vec::with_capacity(messages.len());
-    for (m, &is_new) in messages.iter().zip(&stored).rev() {
+    for ((m, &is_new), &is_unread) in messages.iter().zip(&stored).zip(&unread).rev() {
         let outcome = if is_new { Outcome::Accepted } else { Outcome::Duplicate };
         let event = (is_new && m.live).then(|| {
             let chat = &chats[&m.chat_id];
@@ -147,7 +154,7 @@ pub async fn insert(
                 unread_count: *unread,
                 last_message_at: chat.last_message_at,
             };
-            if !m.is_sender {
+            if is_unread {
                 *unread -= 1;
             }
             Envelope::new(
@@ -155,7 +162,7 @@ pub async fn insert(
                 m.account_id.clone(),
                 Some(m.chat_id.clone()),
                 m.sent_at,
-                json!({ "message": MessageView { text: new_ids[&m.message_id].clone(), ..m.view() }, "chat": view }),
+                json!({ "message": MessageView { text: new_rows[&m.message_id].text.clone(), ..m.view() }, "chat": view }),
             )
         });
         results.push(Written { outcome, events: event.into_iter().collect() });
@@ -214,12 +221,22 @@ async fn upsert_chats(
     Ok(())
 }
 
-/// Inserts the rows in id order, filling in placeholders; returns the ids that were new
-/// with their stored text (a placeholder keeps the text of an edit that came first).
+/// A message row as the insert left it.
+#[derive(Debug, sqlx::FromRow)]
+struct StoredRow {
+    id: String,
+    /// A placeholder keeps the text of an edit that came first.
+    text: Option<String>,
+    /// A placeholder keeps a read receipt that came first.
+    seen: bool,
+}
+
+/// Inserts the rows in id order, filling in placeholders; returns the rows that were
+/// new, by id.
 async fn insert_rows(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[&NewMessage],
-) -> Result<HashMap<String, Option<String>>, sqlx::Error> {
+) -> Result<HashMap<String, StoredRow>, sqlx::Error> {
     let mut sorted: Vec<&NewMessage> = messages.to_vec();
     sorted.sort_by(|a, b| a.message_id.cmp(&b.message_id));
     // `do update` may not touch a row twice in one statement: the first of an id only.
@@ -237,7 +254,7 @@ async fn insert_rows(
         sorted.iter().map(|m| json_text(&Value::from(m.attachments.clone()))).collect();
     let quoted: Vec<Option<String>> = sorted.iter().map(|m| m.quoted.as_ref().map(json_text)).collect();
     let raw: Vec<Option<String>> = sorted.iter().map(|m| m.raw.as_ref().map(json_text)).collect();
-    let new_ids: Vec<(String, Option<String>)> = sqlx::query_as(
+    let new_rows: Vec<StoredRow> = sqlx::query_as(
         "insert into messages
              (id, chat_id, account_id, provider_message_id, text, sender, is_sender, sent_at,
               attachments, quoted, raw)
@@ -256,7 +273,7 @@ async fn insert_rows(
          -- Only a placeholder (an update that came first) is filled in; a message deleted
          -- before it arrived stays a hidden tombstone.
          where messages.placeholder and messages.deleted_at is null
-         returning id, text",
+         returning id, text, seen",
     )
     .bind(ids)
     .bind(chats)
@@ -271,7 +288,7 @@ async fn insert_rows(
     .bind(raw)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(new_ids.into_iter().collect())
+    Ok(new_rows.into_iter().map(|r| (r.id.clone(), r)).collect())
 }
 
 /// A chat's state after the batch.
@@ -282,20 +299,21 @@ struct ChatState {
     last_message_at: Option<DateTime<Utc>>,
 }
 
-/// Moves last activity forward and adds live incoming messages to the unread count.
+/// Moves last activity forward and adds the `unread` messages to the unread count.
 async fn bump_chats(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[&NewMessage],
     stored: &[bool],
+    unread: &[bool],
 ) -> Result<HashMap<String, ChatState>, sqlx::Error> {
     struct Bump<'a> {
         delta: i64,
         latest: &'a NewMessage,
     }
     let mut bumps: BTreeMap<&str, Bump> = BTreeMap::new();
-    for (m, _) in messages.iter().zip(stored).filter(|(_, s)| **s) {
+    for ((m, _), &is_unread) in messages.iter().zip(stored).zip(unread).filter(|((_, s), _)| **s) {
         let bump = bumps.entry(m.chat_id.as_str()).or_insert(Bump { delta: 0, latest: m });
-        if m.live && !m.is_sender {
+        if is_unread {
             bump.delta += 1;
         }
         if (m.sent_at, &m.message_id) > (bump.latest.sent_at, &bump.latest.message_id) {

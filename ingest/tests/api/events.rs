@@ -268,7 +268,11 @@ async fn updates_that_overtake_their_message_are_kept_and_the_message_fills_them
     assert_eq!(row["seen"], true);
     assert_eq!(row["reactions"][0]["value"], "👍");
     assert_eq!(row["text"], "edited before it arrived", "the newer edit is kept");
-    assert_eq!(app.count(&format!("select unread_count from chats where id = '{CHAT}'")).await, 1);
+    assert_eq!(
+        app.count(&format!("select unread_count from chats where id = '{CHAT}'")).await,
+        0,
+        "its read receipt came first: the user read it elsewhere already"
+    );
 
     let events: Vec<Envelope> = app.stream_events(4, WAIT).await.into_iter().map(|(_, e)| e).collect();
     let kinds: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
@@ -282,7 +286,16 @@ async fn updates_that_overtake_their_message_are_kept_and_the_message_fills_them
         events[3].data["message"]["text"], "edited before it arrived",
         "message:new shows what is stored"
     );
-    assert_eq!(events[3].data["chat"]["unread_count"], 1);
+    assert_eq!(events[3].data["chat"]["unread_count"], 0);
+}
+
+#[tokio::test]
+async fn a_message_overtaken_only_by_a_reaction_still_counts_as_unread() {
+    let app = spawn_app().await;
+    let (id, message) = received("2026-11-28T16:02:11.000Z");
+    app.post_message_expect(&reaction(&id, "👍", "sam", "2026-11-28T16:03:00Z"), "accepted").await;
+    app.post_message_expect(&message, "accepted").await;
+    assert_eq!(app.count(&format!("select unread_count from chats where id = '{CHAT}'")).await, 1);
 }
 
 #[tokio::test]
