@@ -8,6 +8,8 @@
 //! - `fanout_closes_total{reason}` (counter): every server-initiated close by reason.
 //! - `fanout_resumes_total{outcome}`: `memory`, `stream`, `gone` (recovered false),
 //!   `failed`.
+//! - `fanout_history_waiting` (gauge): resumes waiting for a turn to read JetStream
+//!   (a reconnect storm reaching past the window queues here).
 //! - `fanout_delivery_lag_seconds` (histogram): write time minus `occurred_at`.
 //! - `fanout_follower_restarts_total{reason}`: consumer recreations.
 //! - `fanout_follower_ready` (gauge): 1 while following the stream.
@@ -66,6 +68,11 @@ pub fn closed(reason: &'static str) {
 
 pub fn resume(outcome: &'static str) {
     counter!("fanout_resumes_total", "outcome" => outcome).increment(1);
+}
+
+/// One more (`1.0`) or one fewer (`-1.0`) resume waiting to read JetStream.
+pub fn history_waiting(delta: f64) {
+    gauge!("fanout_history_waiting").increment(delta);
 }
 
 pub fn follower_restart(reason: &'static str) {

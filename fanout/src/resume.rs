@@ -232,6 +232,17 @@ impl Connection {
 /// hub drops the connection or the server shuts down.
 async fn history_permit(ctx: &ConnectionContext, shared: &ConnShared) -> Result<OwnedSemaphorePermit, End> {
     let reads = ctx.history.reads.clone();
+    if let Ok(permit) = reads.clone().try_acquire_owned() {
+        return Ok(permit);
+    }
+    struct Waiting;
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            metrics::history_waiting(-1.0);
+        }
+    }
+    metrics::history_waiting(1.0);
+    let _waiting = Waiting;
     tokio::select! {
         permit = reads.acquire_owned() => permit.map_err(|_| End::Close(Close::SHUTDOWN)),
         kick = shared.kicked() => Err(End::Close(kick.into())),
