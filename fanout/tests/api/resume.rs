@@ -68,6 +68,34 @@ async fn a_replica_started_after_the_missed_events_resumes_them_from_its_prefill
 }
 
 #[tokio::test]
+async fn a_replica_opens_only_once_its_window_is_full_and_new_clients_start_after_it() {
+    let mut first = spawn_app().await;
+    first.stop().await;
+    // Enough history that filling the window takes the follower many pulls.
+    let mut last = 0;
+    for i in 0..3000 {
+        last = first
+            .events
+            .publish(if i % 2 == 0 { "acc_a" } else { "acc_b" }, Some("c"), json!({"i": i}))
+            .await;
+    }
+    let second = first.replica(|c| c.replay_window = 3000).await;
+    // Ready means caught up: a client connecting at once starts after the last event,
+    // and gets no history as if it were live.
+    let (mut client, hello) = second.connect_hello(&token(&["*"]), None).await;
+    assert_eq!(hello["seq"], last, "ready before the window was filled");
+    let live = second.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(client.seqs(1).await, vec![live]);
+    // And the whole window serves a resume from its start.
+    let (mut resumed, hello) = second.connect_hello(&token(&["acc_a"]), Some(last - 10)).await;
+    assert_eq!(hello["recovered"], true);
+    let expected: Vec<u64> =
+        (last - 9..=last).filter(|s| (s - (last - 2999)) % 2 == 0).chain([live]).collect();
+    assert_eq!(resumed.seqs(expected.len()).await, expected);
+    assert_eq!(second.resume_outcomes().await, vec![("memory".to_owned(), 1)]);
+}
+
+#[tokio::test]
 async fn a_resume_older_than_the_window_is_read_from_jetstream_on_a_replica_that_never_saw_the_client() {
     let mut first = spawn_app().await;
     let (seen, missed) = client_left_behind(&mut first, 4).await;
