@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 /// Variables our binaries read outside clap (tracing's filter).
 const NON_CLAP_ENV: &[&str] = &["RUST_LOG"];
@@ -28,7 +28,7 @@ fn repo_file(name: &str) -> PathBuf {
 fn compose() -> Value {
     let path = repo_file("docker-compose.yml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let value: Value = serde_yaml::from_str(&text).expect("docker-compose.yml is valid YAML");
+    let value: Value = yaml_serde::from_str(&text).expect("docker-compose.yml is valid YAML");
     // `<<: *anchor` merges, as compose does.
     let mut value = value;
     value.apply_merge().expect("YAML merge keys resolve");
