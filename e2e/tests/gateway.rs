@@ -2,6 +2,7 @@
 //! another), outside Docker: the gateway config must load, its access log must not
 //! carry the tokens browsers put in the WebSocket URL, and a fanout replica that
 //! answers 503 (not ready, or full) must not turn clients away while another can serve.
+//! With real fanout replicas behind it: a rolling restart, WebSocket and all.
 //!
 //! Only what Docker would provide is swapped: the listen port, the log path and, where
 //! a test needs replicas, Docker's DNS name for them (an upstream group instead). The
@@ -88,7 +89,10 @@ impl Gateway {
         if !fanout.is_empty() {
             assert!(gateway.contains("set $fanout fanout:8001;"), "deploy/nginx.conf points at fanout:8001");
             gateway = gateway.replace("set $fanout fanout:8001;", "set $fanout fanout_replicas;");
-            let servers: String = fanout.iter().map(|p| format!("server 127.0.0.1:{p}; ")).collect();
+            // `max_fails=0`: like the per-request peers of a name resolved through Docker's
+            // DNS, a refused replica is not remembered as down.
+            let servers: String =
+                fanout.iter().map(|p| format!("server 127.0.0.1:{p} max_fails=0; ")).collect();
             upstream = format!("  upstream fanout_replicas {{ {servers}}}\n");
         }
         std::fs::write(dir.join("gateway.conf"), gateway).unwrap();
@@ -176,4 +180,161 @@ fn a_replica_that_answers_503_is_skipped_for_another_one() {
     let load = std::sync::atomic::Ordering::SeqCst;
     assert_eq!(free_hits.load(load), 4, "every client reached the ready replica");
     assert!(busy_hits.load(load) >= 1, "round robin did try the busy one");
+}
+
+mod rolling_restart {
+    //! A rolling restart through the real gateway config: WebSocket upgrades pass
+    //! through nginx, a stopped replica's client is handed to the other one, and the
+    //! replica that started after the missed events serves them from memory.
+
+    use std::time::Duration;
+
+    use fanout::config::{Cli, Command};
+    use futures::StreamExt;
+    use secrecy::SecretString;
+    use serde_json::{Value, json};
+    use shared::claims::JwtKeys;
+    use shared::envelope::{Envelope, EventType};
+    use shared::subjects::Subjects;
+    use testkit::{StreamGuard, nats_url};
+    use tokio::sync::oneshot;
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::Gateway;
+
+    const SECRET: &str = "gateway-test-secret";
+    type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    /// A fanout replica on `port`; stops (closing its sockets with 1012) when `stop` is sent.
+    async fn replica(
+        port: u16,
+        stream: &str,
+        prefix: &str,
+    ) -> (u16, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let args = [
+            "fanout".to_owned(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--jwt-secret={SECRET}"),
+            format!("--nats-url={}", nats_url()),
+            format!("--stream-name={stream}"),
+            format!("--subject-prefix={prefix}"),
+            "--shutdown-grace-secs=1".to_owned(),
+        ];
+        let Command::Serve(config) = Cli::try_parse_with_default(args).expect("configuration parses").command
+        else {
+            panic!("serve is the default subcommand");
+        };
+        let app = fanout::Application::build(config).await.expect("fanout builds");
+        let port = app.port();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = app
+                .run_until_stopped(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        let ready = format!("http://127.0.0.1:{port}/readyz");
+        for _ in 0..200 {
+            if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
+                return (port, stop, task);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("fanout on {port} did not become ready");
+    }
+
+    async fn connect(gateway: u16, token: &str, since: Option<u64>) -> (Ws, Value) {
+        let since = since.map(|s| format!("&since={s}")).unwrap_or_default();
+        let url = format!("ws://127.0.0.1:{gateway}/ws/messages?token={token}{since}");
+        let mut tries = 0;
+        let (mut ws, _) = loop {
+            match tokio_tungstenite::connect_async(url.as_str()).await {
+                Ok(ws) => break ws,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("no WebSocket through the gateway: {e}"),
+            }
+        };
+        let hello = next_json(&mut ws).await;
+        assert_eq!(hello["type"], "hello", "{hello}");
+        (ws, hello)
+    }
+
+    async fn next_json(ws: &mut Ws) -> Value {
+        loop {
+            let message =
+                tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a frame in time");
+            match message {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(text.as_str()).unwrap(),
+                Some(Ok(Message::Close(frame))) => {
+                    return json!({"closed": frame.map(|f| u16::from(f.code)).unwrap_or(0)});
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("socket ended: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_of_a_stopped_replica_resumes_through_the_gateway_on_one_started_after_it() {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let (stream, prefix) = (format!("GATEWAY_TEST_{id}"), format!("gatewaytest.{id}"));
+        let _guard = StreamGuard::new(nats_url(), stream.as_str());
+        let subjects = Subjects::new(prefix.clone()).unwrap();
+        let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+        let publish = |i: u64| {
+            let (js, subject) = (js.clone(), subjects.event("acc_a", Some("c"), EventType::MessageNew));
+            async move {
+                let envelope = Envelope::new(
+                    EventType::MessageNew,
+                    "acc_a",
+                    Some("c".into()),
+                    chrono::Utc::now(),
+                    json!({"i": i}),
+                );
+                js.publish(subject, envelope.to_bytes().into()).await.unwrap().await.unwrap().sequence
+            }
+        };
+        // Replica B's port is reserved but closed: B is not running yet.
+        let port_b = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (port_a, stop_a, a) = replica(0, &stream, &prefix).await;
+        let gateway = Gateway::start(&[port_a, port_b]);
+        let token = JwtKeys::new(&SecretString::from(SECRET)).issue(
+            "user-1",
+            vec!["acc_a".into()],
+            Duration::from_secs(600),
+        );
+
+        let (mut ws, _) = connect(gateway.port, &token, None).await;
+        let seen = publish(0).await;
+        assert_eq!(next_json(&mut ws).await["seq"], seen);
+
+        // A stops (a deploy): its client is told to go elsewhere, then misses three events.
+        let _ = stop_a.send(());
+        assert_eq!(next_json(&mut ws).await["closed"], 1012);
+        a.await.unwrap();
+        let mut missed = Vec::new();
+        for i in 1..=3 {
+            missed.push(publish(i).await);
+        }
+        // B starts after them, on the port the gateway already lists.
+        let (_, _stop_b, _b) = replica(port_b, &stream, &prefix).await;
+
+        let (mut ws, hello) = connect(gateway.port, &token, Some(seen)).await;
+        assert_eq!(hello["recovered"], true, "{hello}");
+        for seq in &missed {
+            assert_eq!(next_json(&mut ws).await["seq"], *seq, "exactly the missed events, in order");
+        }
+        let live = publish(4).await;
+        assert_eq!(next_json(&mut ws).await["seq"], live);
+        let metrics =
+            reqwest::get(format!("http://127.0.0.1:{port_b}/metrics")).await.unwrap().text().await.unwrap();
+        assert!(
+            metrics.contains("fanout_resumes_total{outcome=\"memory\"} 1"),
+            "served from B's window:\n{metrics}"
+        );
+    }
 }
