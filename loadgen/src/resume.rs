@@ -64,7 +64,7 @@ enum Outcome {
     /// Got every missed event; `in_order` is false on a gap, duplicate or reordering.
     CaughtUp { took: Duration, recovered: bool, in_order: bool, ws: Box<Ws> },
     /// The server closed the connection first (with this code, 0 for none).
-    Closed { code: u16, recovered: Option<bool> },
+    Closed { code: u16, recovered: bool },
     /// No connection, no hello, or the deadline passed.
     Failed(String),
 }
@@ -132,11 +132,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             Outcome::Closed { code, recovered: r } => {
                 *closes.entry(code).or_default() += 1;
-                match r {
-                    Some(true) => recovered += 1,
-                    Some(false) => not_recovered += 1,
-                    None => {}
-                }
+                if r { recovered += 1 } else { not_recovered += 1 }
             }
             Outcome::Failed(why) => *failures.entry(why).or_default() += 1,
         }
@@ -226,13 +222,13 @@ async fn catch_up(mut ws: Ws, expected: Arc<Vec<u64>>, recovered: bool, opened: 
             }
             Ok(Message::Close(frame)) => {
                 let code = frame.map(|f| u16::from(f.code)).unwrap_or(0);
-                return Outcome::Closed { code, recovered: Some(recovered) };
+                return Outcome::Closed { code, recovered };
             }
             Err(e) => return Outcome::Failed(format!("reading: {e}")),
             Ok(_) => {}
         }
     }
-    Outcome::Closed { code: 0, recovered: Some(recovered) }
+    Outcome::Closed { code: 0, recovered }
 }
 
 /// The `seq` of an event frame.
