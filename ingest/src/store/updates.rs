@@ -138,10 +138,9 @@ pub async fn apply(
     let changed: Vec<&MessageRow> = dirty.iter().map(|id| &rows[id]).collect();
     write_back(tx, &changed).await?;
     update_previews(tx, &previews).await?;
-    for (chat_id, (sent_at, result)) in reads_in {
-        if let Some(chat) = lower_unread(tx, &chat_id, sent_at).await? {
-            results[result].events.push(chats::chat_read(chat));
-        }
+    for chat in lower_unread(tx, &reads_in).await? {
+        let (_, result) = reads_in[&chat.id];
+        results[result].events.push(chats::chat_read(chat));
     }
     Ok(results)
 }
@@ -230,26 +229,31 @@ fn preview(row: &MessageRow) -> Option<String> {
     }
 }
 
-/// The user read an incoming message elsewhere (on their phone, say): what is still
-/// unread in its chat is at most the incoming messages after it that are neither read
-/// nor deleted. Never raises the count (Unipile's own count, adopted by a backfill, may
-/// hold messages the relay does not). Returns the chat when its count went down.
+/// The user read incoming messages elsewhere (on their phone, say): per chat, what is
+/// still unread is at most the incoming messages after the newest one read that are
+/// neither read nor deleted. Never raises a count (Unipile's own, adopted by a backfill,
+/// may hold messages the relay does not). One statement for every chat of the batch
+/// (already locked, by the batch's chat locks); returns the chats whose count went down.
 async fn lower_unread(
     tx: &mut Transaction<'_, Postgres>,
-    chat_id: &str,
-    read_sent_at: DateTime<Utc>,
-) -> Result<Option<ChatRecord>, sqlx::Error> {
+    reads: &BTreeMap<String, (DateTime<Utc>, usize)>,
+) -> Result<Vec<ChatRecord>, sqlx::Error> {
+    if reads.is_empty() {
+        return Ok(Vec::new());
+    }
     sqlx::query_as(&format!(
         "update chats c set unread_count = later.unread, updated_at = now()
-         from (select count(*) as unread from messages m
-               where m.chat_id = $1 and not m.is_sender and not m.seen and m.deleted_at is null
-                 and m.sent_at > $2) later
-         where c.id = $1 and c.unread_count > later.unread
+         from (select r.chat_id,
+                      (select count(*) from messages m
+                       where m.chat_id = r.chat_id and not m.is_sender and not m.seen
+                         and m.deleted_at is null and m.sent_at > r.read_at) as unread
+               from unnest($1::text[], $2::timestamptz[]) as r(chat_id, read_at)) later
+         where c.id = later.chat_id and c.unread_count > later.unread
          returning {CHAT_COLUMNS}"
     ))
-    .bind(chat_id)
-    .bind(read_sent_at)
-    .fetch_optional(&mut **tx)
+    .bind(reads.keys().map(String::as_str).collect::<Vec<_>>())
+    .bind(reads.values().map(|(read_at, _)| *read_at).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
     .await
 }
 

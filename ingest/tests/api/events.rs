@@ -7,6 +7,11 @@ use serde_json::{Value, json};
 use shared::envelope::{Envelope, EventType};
 use uuid::Uuid;
 
+use ingest::store::batcher::commit;
+use ingest::store::updates::MessageUpdate;
+use ingest::store::{Outcome, Write};
+use shared::unipile::MessagingEvent;
+
 use crate::helpers::{TestApp, fixture, spawn_app};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -138,6 +143,31 @@ async fn reading_an_incoming_message_elsewhere_lowers_the_unread_count_and_emits
     assert_eq!(unread().await, 1, "a receipt for an outgoing message leaves the count");
     app.post_message_expect(&update("message_read.json", &latest), "accepted").await;
     assert_eq!(unread().await, 0);
+}
+
+#[tokio::test]
+async fn receipts_for_several_chats_in_one_batch_lower_each_chat_once() {
+    let app = spawn_app().await;
+    let (in_first, first) = received("2026-11-28T16:01:00.000Z");
+    let (in_second, mut second) = received("2026-11-28T16:01:00.000Z");
+    second["chat_id"] = "chat_second".into();
+    app.post_message_expect(&first, "accepted").await;
+    app.post_message_expect(&second, "accepted").await;
+
+    let read = |id: &str, chat: &str| {
+        let mut v = update("message_read.json", id);
+        v["chat_id"] = chat.into();
+        let event: MessagingEvent = serde_json::from_value(v).expect("a messaging event");
+        Write::Update(MessageUpdate::from_webhook(&event, chrono::Utc::now()).expect("an update"))
+    };
+    let writes = [read(&in_first, CHAT), read(&in_second, "chat_second")];
+    let (outcomes, events) =
+        commit(&app.db, &app.subjects, &writes.iter().collect::<Vec<_>>()).await.expect("the batch commits");
+    assert_eq!(outcomes, [Outcome::Accepted, Outcome::Accepted]);
+    assert_eq!(events, 4, "a message:read and a chat:read per chat");
+    for chat in [CHAT, "chat_second"] {
+        assert_eq!(app.count(&format!("select unread_count from chats where id = '{chat}'")).await, 0);
+    }
 }
 
 #[tokio::test]
