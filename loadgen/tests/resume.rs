@@ -54,20 +54,30 @@ async fn loadgen(port: u16, prefix: &str, extra: &[&str]) -> String {
     stdout
 }
 
-#[tokio::test]
-async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_from_memory() {
+/// A fresh stream and subject prefix, deleted when the guard drops.
+fn test_stream() -> (String, String, StreamGuard) {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (stream, prefix) = (format!("LOADGEN_TEST_{id}"), format!("loadgentest.{id}"));
-    let _guard = StreamGuard::new(nats_url(), stream.as_str());
-    // The replica that creates the stream, then stops before the events.
-    let (port, stop) = start_fanout(&stream, &prefix, 0).await;
-    let published = loadgen(port, &prefix, &["--publish-only", "--missed", "7"]).await;
-    let since = published
-        .split("--since ")
+    let guard = StreamGuard::new(nats_url(), stream.as_str());
+    (stream, prefix, guard)
+}
+
+/// `loadgen resume --publish-only`: publishes `missed` events, returns the `--since` it prints.
+async fn publish_only(port: u16, prefix: &str, missed: u64) -> u64 {
+    let out = loadgen(port, prefix, &["--publish-only", "--missed", &missed.to_string()]).await;
+    out.split("--since ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no --since in: {published}"))
-        .to_owned();
+        .and_then(|since| since.parse().ok())
+        .unwrap_or_else(|| panic!("no --since in: {out}"))
+}
+
+#[tokio::test]
+async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_from_memory() {
+    let (stream, prefix, _guard) = test_stream();
+    // The replica that creates the stream, then stops before the events.
+    let (port, stop) = start_fanout(&stream, &prefix, 0).await;
+    let since = publish_only(port, &prefix, 7).await.to_string();
     drop(stop);
 
     // With a window, a replica started now holds the events in memory...
@@ -89,13 +99,9 @@ async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_fro
 
 #[tokio::test]
 async fn clients_that_did_not_get_exactly_the_expected_events_are_reported() {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let (stream, prefix) = (format!("LOADGEN_TEST_{id}"), format!("loadgentest.{id}"));
-    let _guard = StreamGuard::new(nats_url(), stream.as_str());
+    let (stream, prefix, _guard) = test_stream();
     let (port, _stop) = start_fanout(&stream, &prefix, 100).await;
-    let published = loadgen(port, &prefix, &["--publish-only", "--missed", "2"]).await;
-    let since: u64 =
-        published.split("--since ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let since = publish_only(port, &prefix, 2).await;
     // An event of another chat right after them: a run told to expect three loadgen
     // events after `since` gets two, then this one.
     let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
