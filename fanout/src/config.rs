@@ -95,6 +95,11 @@ pub struct Config {
     /// Recent events kept in memory to serve resumes without reading JetStream.
     #[arg(long, env = "FANOUT_REPLAY_WINDOW", default_value_t = 10_000)]
     pub replay_window: usize,
+    /// Most stream sequences a resume may reach back through JetStream: a `since`
+    /// further behind than this (and older than the window) gets `recovered: false`,
+    /// and the client reloads by REST.
+    #[arg(long, env = "FANOUT_MAX_RESUME_GAP", default_value_t = 100_000)]
+    pub max_resume_gap: u64,
     /// Largest client message answered with an `error` frame when it is not understood;
     /// anything over 16 times this closes the connection with 1009.
     #[arg(long, env = "FANOUT_MAX_CLIENT_MESSAGE", default_value_t = 4096)]

@@ -6,8 +6,9 @@
 //! - `fanout_frames_out_total` (counter): event frames written to clients.
 //! - `fanout_slow_consumer_closes_total` (counter): clients closed for not reading.
 //! - `fanout_closes_total{reason}` (counter): every server-initiated close by reason.
-//! - `fanout_resumes_total{outcome}`: `memory`, `stream`, `gone` (recovered false),
-//!   `failed`.
+//! - `fanout_resumes_total{outcome}`: `memory`, `stream`, `gone` (recovered false:
+//!   the stream no longer holds it), `too_far` (recovered false: further back than
+//!   `FANOUT_MAX_RESUME_GAP`), `failed`.
 //! - `fanout_history_waiting` (gauge): resumes waiting for a turn to read JetStream
 //!   (a reconnect storm reaching past the window queues here).
 //! - `fanout_delivery_lag_seconds` (histogram): write time minus `occurred_at`.

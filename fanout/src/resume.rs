@@ -12,7 +12,11 @@
 //! to, a few rounds at most before counting as a slow consumer.
 //!
 //! `hello.recovered` is `false` when the stream no longer holds `since + 1` (or never
-//! held `since`): the client reloads by REST and gets live events from `head` on.
+//! held `since`), or when `since` lies more than `FANOUT_MAX_RESUME_GAP` sequences
+//! behind and the window cannot serve it: the client reloads by REST and gets live
+//! events from `head` on. That bounds what one resume may cost the replica: a token for
+//! every account resuming from days ago would otherwise replay days of the stream while
+//! holding one of the [`MAX_HISTORY_READS`] turns, where one REST page does the job.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +52,8 @@ pub struct History {
     pub subjects: Subjects,
     /// [`MAX_HISTORY_READS`] permits.
     pub reads: Arc<Semaphore>,
+    /// Most stream sequences a resume may read back through JetStream.
+    pub max_gap: u64,
 }
 
 /// The stream, with the first and last sequence it held when asked.
@@ -58,8 +64,8 @@ struct Bounds {
 }
 
 impl History {
-    pub fn new(js: jetstream::Context, stream_name: String, subjects: Subjects) -> Self {
-        Self { js, stream_name, subjects, reads: Arc::new(Semaphore::new(MAX_HISTORY_READS)) }
+    pub fn new(js: jetstream::Context, stream_name: String, subjects: Subjects, max_gap: u64) -> Self {
+        Self { js, stream_name, subjects, reads: Arc::new(Semaphore::new(MAX_HISTORY_READS)), max_gap }
     }
 
     /// One stream-info request; the handle it returns is reused for the consumer.
@@ -86,6 +92,12 @@ impl Connection {
             self.send_json(hello(head, heartbeat, Some(true))).await?;
             self.covered = since;
             self.send_events(&events).await?;
+            self.covered = head;
+        } else if head.saturating_sub(since) > self.ctx.history.max_gap {
+            // Decided before asking NATS anything: a reconnect storm of such clients
+            // costs the replica a `hello` each.
+            metrics::resume("too_far");
+            self.send_json(hello(head, heartbeat, Some(false))).await?;
             self.covered = head;
         } else {
             let _permit = history_permit(&self.ctx, &self.shared).await?;

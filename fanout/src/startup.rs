@@ -68,7 +68,12 @@ impl Application {
         };
         let ctx = ConnectionContext {
             hub,
-            history: History::new(js, config.nats.stream_name.clone(), config.nats.subject_prefix.clone()),
+            history: History::new(
+                js,
+                config.nats.stream_name.clone(),
+                config.nats.subject_prefix.clone(),
+                config.max_resume_gap,
+            ),
             limits: Limits {
                 heartbeat: config.heartbeat(),
                 write_timeout: config.write_timeout(),

@@ -187,6 +187,48 @@ async fn recovered_is_false_with_a_limited_stream_that_dropped_the_history() {
 }
 
 #[tokio::test]
+async fn a_resume_further_back_than_the_gap_limit_is_not_recovered_but_one_within_it_is() {
+    let app = spawn_app_with(|c| {
+        c.replay_window = 0;
+        c.max_resume_gap = 3;
+    })
+    .await;
+    let far = app.events.publish("acc_a", Some("c"), json!({})).await;
+    let near = app.events.publish("acc_a", Some("c"), json!({})).await;
+    let mut missed = Vec::new();
+    for _ in 0..3 {
+        missed.push(app.events.publish("acc_a", Some("c"), json!({})).await);
+    }
+    // `far` is 4 behind the head: the stream still has everything, but the limit says no.
+    let (mut refused, hello) = app.connect_hello(&token(&["acc_a"]), Some(far)).await;
+    assert_eq!(hello["recovered"], false, "{hello}");
+    // `near` is 3 behind: exactly the limit, read from JetStream.
+    let (mut resumed, hello) = app.connect_hello(&token(&["acc_a"]), Some(near)).await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    assert_eq!(resumed.seqs(missed.len()).await, missed);
+    let live = app.events.publish("acc_a", Some("c"), json!({})).await;
+    assert_eq!(refused.seqs(1).await, vec![live], "live events follow from now");
+    assert_eq!(resumed.seqs(1).await, vec![live]);
+    let mut outcomes = app.resume_outcomes().await;
+    outcomes.sort();
+    assert_eq!(outcomes, vec![("stream".to_owned(), 1), ("too_far".to_owned(), 1)], "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn the_gap_limit_does_not_refuse_what_the_window_holds() {
+    let app = spawn_app_with(|c| c.max_resume_gap = 1).await;
+    let since = app.events.publish("acc_a", Some("c"), json!({})).await;
+    let mut missed = Vec::new();
+    for _ in 0..3 {
+        missed.push(app.events.publish("acc_a", Some("c"), json!({})).await);
+    }
+    let (mut client, hello) = app.connect_hello(&token(&["acc_a"]), Some(since)).await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    assert_eq!(client.seqs(missed.len()).await, missed);
+    assert_eq!(app.resume_outcomes().await, vec![("memory".to_owned(), 1)]);
+}
+
+#[tokio::test]
 async fn a_sequence_the_stream_never_had_is_not_recovered() {
     let app = spawn_app().await;
     let head = app.events.publish("acc_a", Some("c"), json!({})).await;
