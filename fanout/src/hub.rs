@@ -277,6 +277,11 @@ impl Hub {
         (inner.head, inner.window_after(covered, scope))
     }
 
+    /// The events in `(since, head]` the scope allows, when the window holds them all.
+    pub fn backlog(&self, since: u64, scope: &Scope) -> Option<Vec<SharedEvent>> {
+        self.lock().window_after(since, scope)
+    }
+
     /// Ends catch-up mode unless the connection lagged meanwhile (then `false`: it
     /// must rearm and catch up again). From here a full queue means a slow consumer.
     pub fn finish_catch_up(&self, shared: &ConnShared) -> bool {

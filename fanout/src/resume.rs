@@ -4,10 +4,14 @@
 //! The connection is registered in the hub first, in catch-up mode, and the hub's
 //! newest sequence at that moment (`head`) is noted under the dispatch lock: every
 //! later event lands in the connection's queue. Events in `(since, head]` come from
-//! the hub's in-memory window when it reaches back that far, otherwise from JetStream
-//! through an ephemeral consumer starting at `since + 1` (filtered by account when the
-//! token has exactly one). Then the queue is drained, skipping anything at or below
-//! what was already sent. If the queue overflowed during catch-up the connection is
+//! the hub's in-memory window when it reaches back that far. Older ones come from
+//! JetStream in chunks of [`CHUNK`] sequences, each read once per replica and kept in a
+//! bounded cache: a reconnect storm of clients that all missed the same stretch reads
+//! it from NATS once, not once per client. Only a stretch the replica has not seen to
+//! its end yet (newer than the last whole chunk, older than the window: a window
+//! smaller than a chunk) is read by the client alone, through an ephemeral consumer
+//! filtered by account when the token has exactly one. Then the queue is drained,
+//! skipping anything at or below what was already sent. If the queue overflowed during catch-up the connection is
 //! only marked `lagged`; it empties its queue and catches up again from where it got
 //! to, a few rounds at most before counting as a slow consumer.
 //!
@@ -21,8 +25,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
+use quick_cache::Weighter;
 use shared::subjects::Subjects;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -44,6 +50,32 @@ const HISTORY_BATCH: usize = 64;
 /// the same moment; meanwhile its live events queue up as in any catch-up.
 pub const MAX_HISTORY_READS: usize = 64;
 
+/// Stream sequences per shared chunk of history.
+pub const CHUNK: u64 = 1024;
+/// Memory the cached chunks may take (event bytes plus a per-event overhead).
+const CHUNK_CACHE_BYTES: u64 = 64 << 20;
+
+/// Every event of the stream with a sequence in `(index * CHUNK, (index + 1) * CHUNK]`,
+/// whatever its account: the scope is applied when a connection sends them.
+pub struct Chunk {
+    events: Vec<SharedEvent>,
+    /// Sequences up to this one had already left the stream when the chunk was read
+    /// (it is complete above it only).
+    complete_after: u64,
+}
+
+/// Stream creation time (a recreated stream starts its sequences over) and chunk index.
+type ChunkKey = (i128, u64);
+
+#[derive(Clone)]
+struct ChunkWeight;
+
+impl Weighter<ChunkKey, Arc<Chunk>> for ChunkWeight {
+    fn weight(&self, _key: &ChunkKey, chunk: &Arc<Chunk>) -> u64 {
+        chunk.events.iter().map(|event| event.text.len() as u64 + 128).sum::<u64>().max(1)
+    }
+}
+
 /// Where history is read from.
 #[derive(Clone)]
 pub struct History {
@@ -54,6 +86,7 @@ pub struct History {
     pub reads: Arc<Semaphore>,
     /// Most stream sequences a resume may read back through JetStream.
     pub max_gap: u64,
+    chunks: Arc<quick_cache::sync::Cache<ChunkKey, Arc<Chunk>, ChunkWeight>>,
 }
 
 /// The stream, with the first and last sequence it held when asked.
@@ -65,7 +98,73 @@ struct Bounds {
 
 impl History {
     pub fn new(js: jetstream::Context, stream_name: String, subjects: Subjects, max_gap: u64) -> Self {
-        Self { js, stream_name, subjects, reads: Arc::new(Semaphore::new(MAX_HISTORY_READS)), max_gap }
+        let chunks = quick_cache::sync::Cache::with_weighter(64, CHUNK_CACHE_BYTES, ChunkWeight);
+        Self {
+            js,
+            stream_name,
+            subjects,
+            reads: Arc::new(Semaphore::new(MAX_HISTORY_READS)),
+            max_gap,
+            chunks: Arc::new(chunks),
+        }
+    }
+
+    /// Reads the chunk at `index`: every event in `(index * CHUNK, (index + 1) * CHUNK]`.
+    async fn read_chunk(&self, stream: &jetstream::stream::Stream, index: u64) -> anyhow::Result<Arc<Chunk>> {
+        let (from, to) = (index * CHUNK, (index + 1) * CHUNK);
+        let created = stream.create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from + 1 },
+            ack_policy: consumer::AckPolicy::None,
+            filter_subject: self.subjects.all(),
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        });
+        let mut consumer =
+            tokio::time::timeout(HISTORY_TIMEOUT, created).await.context("creating a consumer")??;
+        let name = consumer.cached_info().name.clone();
+        let events = if consumer.cached_info().num_pending == 0 {
+            Ok(Vec::new())
+        } else {
+            self.read_events(&mut consumer, to).await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.delete_consumer(&name)).await;
+        let events = events?;
+        // Asked after reading: whatever the stream dropped from its start by then, the
+        // chunk may lack, so it does not claim to be complete there.
+        let info = tokio::time::timeout(HISTORY_TIMEOUT, stream.get_info())
+            .await
+            .context("reading stream info")??;
+        let complete_after = from.max(info.state.first_sequence.saturating_sub(1));
+        Ok(Arc::new(Chunk { events, complete_after }))
+    }
+
+    /// Every event from the consumer up to sequence `to`.
+    async fn read_events(
+        &self,
+        consumer: &mut consumer::PullConsumer,
+        to: u64,
+    ) -> anyhow::Result<Vec<SharedEvent>> {
+        let mut messages = consumer.stream().max_messages_per_batch(256).messages().await?;
+        let mut events = Vec::new();
+        loop {
+            let message = tokio::time::timeout(HISTORY_TIMEOUT, messages.next())
+                .await
+                .context("timed out reading history")?
+                .context("history ended early")??;
+            let info = message.info().map_err(|e| anyhow::anyhow!("message without info: {e}"))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > to {
+                break;
+            }
+            if let Ok(event) = Event::from_stream(&self.subjects, &message.subject, &message.payload, seq) {
+                events.push(Arc::new(event));
+            }
+            if seq >= to || pending == 0 {
+                break;
+            }
+        }
+        Ok(events)
     }
 
     /// One stream-info request; the handle it returns is reused for the consumer.
@@ -100,7 +199,10 @@ impl Connection {
             self.send_json(hello(head, heartbeat, Some(false))).await?;
             self.covered = head;
         } else {
-            let _permit = history_permit(&self.ctx, &self.shared).await?;
+            // The turn is held for the stream-info request only: chunks take their own
+            // while read, and a client waiting on a chunk another client reads must not
+            // hold one meanwhile.
+            let permit = history_permit(&self.ctx, &self.shared).await?;
             let bounds = match self.ctx.history.bounds().await {
                 Ok(bounds) => bounds,
                 Err(error) => {
@@ -109,6 +211,7 @@ impl Connection {
                     return Err(End::Close(Close::RESUME_FAILED));
                 }
             };
+            drop(permit);
             let gone = since > head.max(bounds.last) || since + 1 < bounds.first;
             if gone {
                 metrics::resume("gone");
@@ -120,8 +223,7 @@ impl Connection {
                 // A client ahead of this replica (it saw `since` elsewhere) skips
                 // whatever this replica still has to deliver up to `since`.
                 self.covered = since;
-                self.replay_stream(&bounds.stream, head).await?;
-                self.covered = self.covered.max(head);
+                self.send_history(&bounds.stream, head).await?;
             }
         }
         let mut rounds = 0;
@@ -141,15 +243,60 @@ impl Connection {
             match backlog {
                 Some(events) => self.send_events(&events).await?,
                 None => {
-                    let _permit = history_permit(&self.ctx, &self.shared).await?;
-                    let history = &self.ctx.history;
-                    let stream = history.js.get_stream_no_info(&history.stream_name).await;
+                    let stream = {
+                        let _permit = history_permit(&self.ctx, &self.shared).await?;
+                        let history = &self.ctx.history;
+                        history.js.get_stream(&history.stream_name).await
+                    };
                     let stream = stream.map_err(|error| self.history_failed(&error.to_string()))?;
-                    self.replay_stream(&stream, head).await?
+                    self.send_history(&stream, head).await?
                 }
             }
             self.covered = self.covered.max(head);
         }
+        Ok(())
+    }
+
+    /// Sends the events in `(covered, to]` that are older than the window reaches:
+    /// whole chunks from the shared cache (read from JetStream by whoever needs them
+    /// first), then the window as soon as it reaches back, and a last stretch the
+    /// replica has not seen a whole chunk of yet from this client's own read.
+    async fn send_history(&mut self, stream: &jetstream::stream::Stream, to: u64) -> Result<(), End> {
+        while self.covered < to {
+            if let Some(events) = self.ctx.hub.backlog(self.covered, &self.scope) {
+                self.send_events(&events).await?;
+                break;
+            }
+            let index = self.covered / CHUNK;
+            let end = (index + 1) * CHUNK;
+            if end > to {
+                // `to` is a sequence the hub has seen, so the stream holds everything up
+                // to it; past it the chunk is not whole yet.
+                let _permit = history_permit(&self.ctx, &self.shared).await?;
+                return self.replay_stream(stream, to).await;
+            }
+            let chunk = match chunk(&self.ctx, &self.shared, stream, index).await {
+                Ok(chunk) => chunk,
+                Err(Failure::End(end)) => return Err(end),
+                Err(Failure::Read(error)) => return Err(self.history_failed(&format!("{error:#}"))),
+            };
+            if self.covered < chunk.complete_after {
+                return Err(self.history_failed("the stream dropped events this client needs"));
+            }
+            let covered = self.covered;
+            let scope = &self.scope;
+            let wanted: Vec<SharedEvent> = chunk
+                .events
+                .iter()
+                .filter(|e| e.seq > covered && scope.allows(&e.account_id))
+                .cloned()
+                .collect();
+            for batch in wanted.chunks(HISTORY_BATCH) {
+                self.send_events(batch).await?;
+            }
+            self.covered = self.covered.max(end);
+        }
+        self.covered = self.covered.max(to);
         Ok(())
     }
 
@@ -238,6 +385,32 @@ impl Connection {
         metrics::resume("failed");
         End::Close(Close::RESUME_FAILED)
     }
+}
+
+/// Why a chunk could not be had.
+enum Failure {
+    /// The connection is over (kicked, shutting down) while it waited for a turn.
+    End(End),
+    Read(anyhow::Error),
+}
+
+/// The chunk at `index` of `stream`, read from JetStream (under a history turn) by the
+/// first connection that needs it while the others wait for it. Takes the parts of the
+/// connection it needs, not the connection: its socket may not be shared across threads.
+async fn chunk(
+    ctx: &ConnectionContext,
+    shared: &ConnShared,
+    stream: &jetstream::stream::Stream,
+    index: u64,
+) -> Result<Arc<Chunk>, Failure> {
+    let history = &ctx.history;
+    let key = (stream.cached_info().created.unix_timestamp_nanos(), index);
+    let read = async {
+        let _permit = history_permit(ctx, shared).await.map_err(Failure::End)?;
+        metrics::history_chunk_read();
+        history.read_chunk(stream, index).await.map_err(Failure::Read)
+    };
+    history.chunks.get_or_insert_async(&key, read).await
 }
 
 /// Waits for a turn to read JetStream (see [`MAX_HISTORY_READS`]), giving up when the

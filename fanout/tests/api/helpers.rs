@@ -174,6 +174,13 @@ impl TestApp {
             .collect()
     }
 
+    /// A counter without labels, as `/metrics` shows it (0 before its first count).
+    pub async fn counter(&self, name: &str) -> u64 {
+        let metrics = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        let value = metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' '));
+        value.map_or(0, |n| n.trim().parse().unwrap())
+    }
+
     /// Waits until `/readyz` says `ready`.
     pub async fn wait_ready(&self, ready: bool) {
         let want = if ready { reqwest::StatusCode::OK } else { reqwest::StatusCode::SERVICE_UNAVAILABLE };

@@ -1,5 +1,6 @@
 //! `?since=` gives exactly the missed events, then live, on any replica.
 
+use fanout::resume::CHUNK;
 use serde_json::json;
 
 use tokio::net::TcpSocket;
@@ -155,6 +156,76 @@ async fn a_long_resume_under_live_traffic_has_no_gap_and_no_duplicate() {
     assert_eq!(client.seqs(expected.len()).await, expected);
     let last = app.events.publish("acc_a", Some("c"), json!({})).await;
     assert_eq!(client.seqs(1).await, vec![last], "live after catching up");
+}
+
+/// Publishes `n` events, turn by turn for `acc_a`, `acc_b` and `acc_c`; returns the
+/// sequences each of those tokens may see.
+async fn publish_mixed(app: &TestApp, n: usize) -> [Vec<u64>; 3] {
+    let mut seen: [Vec<u64>; 3] = Default::default();
+    for i in 0..n {
+        let account = ["acc_a", "acc_b", "acc_c"][i % 3];
+        seen[i % 3].push(app.events.publish(account, Some("c"), json!({"i": i})).await);
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_reconnect_storm_past_the_window_reads_each_stretch_of_history_once() {
+    // No window: the last stretch, past two whole chunks, each client reads alone.
+    reconnect_storm(0).await;
+}
+
+#[tokio::test]
+async fn a_resume_from_history_chunks_hands_over_to_the_window_once_it_reaches_back() {
+    // The window holds the last 150 events: from the end of the second chunk on.
+    reconnect_storm(150).await;
+}
+
+/// Four clients resume at once from before two whole chunks and a stretch more.
+async fn reconnect_storm(replay_window: usize) {
+    let app = spawn_app_with(|c| c.replay_window = replay_window).await;
+    let since = app.events.publish("acc_a", Some("c"), json!({})).await;
+    let [a, b, _] = publish_mixed(&app, 2 * CHUNK as usize + 100).await;
+    let clients = [(["acc_a"], &a), (["acc_b"], &b), (["acc_a"], &a), (["acc_a"], &a)];
+    let resumes = clients.map(|(accounts, expected)| {
+        let app = &app;
+        async move {
+            let (mut client, hello) = app.connect_hello(&token(&accounts), Some(since)).await;
+            assert_eq!(hello["recovered"], true, "{hello}");
+            assert_eq!(&client.seqs(expected.len()).await, expected, "{accounts:?}");
+            client
+        }
+    });
+    let mut clients = futures::future::join_all(resumes).await;
+    assert_eq!(app.counter("fanout_history_chunks_read_total").await, 2, "each whole chunk read once");
+    let live = app.events.publish("acc_a", Some("c"), json!({})).await;
+    for (i, client) in clients.iter_mut().enumerate() {
+        if i == 1 {
+            assert_eq!(client.ping().await["type"], "pong", "acc_b saw nothing more");
+        } else {
+            assert_eq!(client.seqs(1).await, vec![live], "live right after the history");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_the_stream_has_partly_dropped_still_serves_what_it_holds() {
+    let app = spawn_app_with(|c| c.replay_window = 0).await;
+    let mut stream = app.events.stream().await;
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_messages = CHUNK as i64;
+    app.events.js.update_stream(config).await.expect("limit the stream");
+    let [a, _, _] = publish_mixed(&app, CHUNK as usize + 300).await;
+    // The stream now starts 300 sequences into the first chunk.
+    let first = stream.info().await.unwrap().state.first_sequence;
+    assert_eq!(first, 301);
+    let since = a.iter().copied().find(|&seq| seq > first).unwrap();
+    let missed: Vec<u64> = a.iter().copied().filter(|&seq| seq > since).collect();
+    let (mut client, hello) = app.connect_hello(&token(&["acc_a"]), Some(since)).await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    assert_eq!(client.seqs(missed.len()).await, missed);
+    let (_, hello) = app.connect_hello(&token(&["acc_a"]), Some(first - 2)).await;
+    assert_eq!(hello["recovered"], false, "before the stream's start: {hello}");
 }
 
 #[tokio::test]
