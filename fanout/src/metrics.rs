@@ -9,8 +9,9 @@
 //! - `fanout_resumes_total{outcome}`: `memory`, `stream`, `gone` (recovered false:
 //!   the stream no longer holds it), `too_far` (recovered false: further back than
 //!   `FANOUT_MAX_RESUME_GAP`), `failed`.
-//! - `fanout_history_chunks_read_total` (counter): stretches of history read from
-//!   JetStream for resumes past the window; each is shared by every resume that needs it.
+//! - `fanout_history_chunks_read_total{outcome}` (counter): stretches of history read
+//!   from JetStream for resumes past the window: `shared` by every resume that needs
+//!   it, or `too_big` to keep (each such resume streams it itself).
 //! - `fanout_history_waiting` (gauge): resumes waiting for a turn to read JetStream
 //!   (a reconnect storm reaching past the window queues here).
 //! - `fanout_delivery_lag_seconds` (histogram): write time minus `occurred_at`.
@@ -73,8 +74,10 @@ pub fn resume(outcome: &'static str) {
     counter!("fanout_resumes_total", "outcome" => outcome).increment(1);
 }
 
-pub fn history_chunk_read() {
-    counter!("fanout_history_chunks_read_total").increment(1);
+/// A chunk of history read from JetStream: `shared` (kept for every resume that needs
+/// it) or `too_big` (each such resume streams that stretch itself).
+pub fn history_chunk_read(outcome: &'static str) {
+    counter!("fanout_history_chunks_read_total", "outcome" => outcome).increment(1);
 }
 
 /// One more (`1.0`) or one fewer (`-1.0`) resume waiting to read JetStream.

@@ -10,10 +10,11 @@
 //! it from NATS once, not once per client. Only a stretch the replica has not seen to
 //! its end yet (newer than the last whole chunk, older than the window: a window
 //! smaller than a chunk) is read by the client alone, through an ephemeral consumer
-//! filtered by account when the token has exactly one. Then the queue is drained,
-//! skipping anything at or below what was already sent. If the queue overflowed during catch-up the connection is
-//! only marked `lagged`; it empties its queue and catches up again from where it got
-//! to, a few rounds at most before counting as a slow consumer.
+//! filtered by account when the token has exactly one; so is a chunk too big to keep
+//! ([`CHUNK_MAX_BYTES`]), in batches. Then the queue is drained, skipping anything at
+//! or below what was already sent. If the queue overflowed during catch-up the
+//! connection is only marked `lagged`; it empties its queue and catches up again from
+//! where it got to, a few rounds at most before counting as a slow consumer.
 //!
 //! `hello.recovered` is `false` when the stream no longer holds `since + 1` (or never
 //! held `since`), or when `since` lies more than `FANOUT_MAX_RESUME_GAP` sequences
@@ -54,6 +55,9 @@ pub const MAX_HISTORY_READS: usize = 64;
 pub const CHUNK: u64 = 1024;
 /// Memory the cached chunks may take (event bytes plus a per-event overhead).
 const CHUNK_CACHE_BYTES: u64 = 64 << 20;
+/// Largest chunk read into memory (1,024 events of 8 KiB); events are rarely over 1 KiB,
+/// but a webhook body may be up to 1 MiB.
+const CHUNK_MAX_BYTES: usize = 8 << 20;
 
 /// Every event of the stream with a sequence in `(index * CHUNK, (index + 1) * CHUNK]`,
 /// whatever its account: the scope is applied when a connection sends them.
@@ -70,9 +74,10 @@ type ChunkKey = (i128, u64);
 #[derive(Clone)]
 struct ChunkWeight;
 
-impl Weighter<ChunkKey, Arc<Chunk>> for ChunkWeight {
-    fn weight(&self, _key: &ChunkKey, chunk: &Arc<Chunk>) -> u64 {
-        chunk.events.iter().map(|event| event.text.len() as u64 + 128).sum::<u64>().max(1)
+impl Weighter<ChunkKey, Option<Arc<Chunk>>> for ChunkWeight {
+    fn weight(&self, _key: &ChunkKey, chunk: &Option<Arc<Chunk>>) -> u64 {
+        let events = chunk.iter().flat_map(|chunk| &chunk.events);
+        events.map(|event| event.text.len() as u64 + 128).sum::<u64>().max(1)
     }
 }
 
@@ -86,7 +91,8 @@ pub struct History {
     pub reads: Arc<Semaphore>,
     /// Most stream sequences a resume may read back through JetStream.
     pub max_gap: u64,
-    chunks: Arc<quick_cache::sync::Cache<ChunkKey, Arc<Chunk>, ChunkWeight>>,
+    /// `None` for a chunk too big to share ([`CHUNK_MAX_BYTES`]).
+    chunks: Arc<quick_cache::sync::Cache<ChunkKey, Option<Arc<Chunk>>, ChunkWeight>>,
 }
 
 /// The stream, with the first and last sequence it held when asked.
@@ -109,62 +115,37 @@ impl History {
         }
     }
 
-    /// Reads the chunk at `index`: every event in `(index * CHUNK, (index + 1) * CHUNK]`.
-    async fn read_chunk(&self, stream: &jetstream::stream::Stream, index: u64) -> anyhow::Result<Arc<Chunk>> {
+    /// Reads the chunk at `index`: every event in `(index * CHUNK, (index + 1) * CHUNK]`;
+    /// `None` when they take more than [`CHUNK_MAX_BYTES`] (huge events): each client
+    /// then streams that stretch itself, in batches.
+    async fn read_chunk(
+        &self,
+        stream: &jetstream::stream::Stream,
+        index: u64,
+    ) -> anyhow::Result<Option<Arc<Chunk>>> {
         let (from, to) = (index * CHUNK, (index + 1) * CHUNK);
-        let created = stream.create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from + 1 },
-            ack_policy: consumer::AckPolicy::None,
-            filter_subject: self.subjects.all(),
-            inactive_threshold: Duration::from_secs(30),
-            memory_storage: true,
-            ..Default::default()
-        });
-        let mut consumer =
-            tokio::time::timeout(HISTORY_TIMEOUT, created).await.context("creating a consumer")??;
-        let name = consumer.cached_info().name.clone();
-        let events = if consumer.cached_info().num_pending == 0 {
-            Ok(Vec::new())
-        } else {
-            self.read_events(&mut consumer, to).await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.delete_consumer(&name)).await;
-        let events = events?;
+        let mut reader = Reader::open(self, stream, from + 1, to, self.subjects.all()).await?;
+        let read = async {
+            let (mut events, mut bytes) = (Vec::new(), 0);
+            while let Some(batch) = reader.next_batch().await? {
+                bytes += batch.iter().map(|event| event.text.len()).sum::<usize>();
+                if bytes > CHUNK_MAX_BYTES {
+                    return Ok(None);
+                }
+                events.extend(batch);
+            }
+            anyhow::Ok(Some(events))
+        }
+        .await;
+        reader.close().await;
+        let Some(events) = read? else { return Ok(None) };
         // Asked after reading: whatever the stream dropped from its start by then, the
         // chunk may lack, so it does not claim to be complete there.
         let info = tokio::time::timeout(HISTORY_TIMEOUT, stream.get_info())
             .await
             .context("reading stream info")??;
         let complete_after = from.max(info.state.first_sequence.saturating_sub(1));
-        Ok(Arc::new(Chunk { events, complete_after }))
-    }
-
-    /// Every event from the consumer up to sequence `to`.
-    async fn read_events(
-        &self,
-        consumer: &mut consumer::PullConsumer,
-        to: u64,
-    ) -> anyhow::Result<Vec<SharedEvent>> {
-        let mut messages = consumer.stream().max_messages_per_batch(256).messages().await?;
-        let mut events = Vec::new();
-        loop {
-            let message = tokio::time::timeout(HISTORY_TIMEOUT, messages.next())
-                .await
-                .context("timed out reading history")?
-                .context("history ended early")??;
-            let info = message.info().map_err(|e| anyhow::anyhow!("message without info: {e}"))?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if seq > to {
-                break;
-            }
-            if let Ok(event) = Event::from_stream(&self.subjects, &message.subject, &message.payload, seq) {
-                events.push(Arc::new(event));
-            }
-            if seq >= to || pending == 0 {
-                break;
-            }
-        }
-        Ok(events)
+        Ok(Some(Arc::new(Chunk { events, complete_after })))
     }
 
     /// One stream-info request; the handle it returns is reused for the consumer.
@@ -173,6 +154,86 @@ impl History {
         let state = &stream.cached_info().state;
         let (first, last) = (state.first_sequence, state.last_sequence);
         Ok(Bounds { stream, first, last })
+    }
+}
+
+/// The events of a stretch of the stream, `[from, to]`, read in batches through an
+/// ephemeral consumer; [`Reader::close`] deletes the consumer.
+struct Reader<'a, I> {
+    stream: &'a jetstream::stream::Stream<I>,
+    subjects: &'a Subjects,
+    name: String,
+    /// `None` once the stretch is read.
+    messages: Option<consumer::pull::Stream>,
+    to: u64,
+}
+
+impl<'a, I> Reader<'a, I> {
+    async fn open(
+        history: &'a History,
+        stream: &'a jetstream::stream::Stream<I>,
+        from: u64,
+        to: u64,
+        filter: String,
+    ) -> anyhow::Result<Self> {
+        let created = stream.create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
+            ack_policy: consumer::AckPolicy::None,
+            filter_subject: filter,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        });
+        let consumer: consumer::PullConsumer = tokio::time::timeout(HISTORY_TIMEOUT, created)
+            .await
+            .context("timed out creating a consumer")??;
+        let mut reader = Reader {
+            stream,
+            subjects: &history.subjects,
+            name: consumer.cached_info().name.clone(),
+            messages: None,
+            to,
+        };
+        if consumer.cached_info().num_pending > 0 {
+            match consumer.stream().max_messages_per_batch(256).messages().await {
+                Ok(messages) => reader.messages = Some(messages),
+                Err(error) => {
+                    reader.close().await;
+                    return Err(error.into());
+                }
+            }
+        }
+        Ok(reader)
+    }
+
+    /// The next events, at most [`HISTORY_BATCH`]; `None` once the stretch is read.
+    async fn next_batch(&mut self) -> anyhow::Result<Option<Vec<SharedEvent>>> {
+        let Some(messages) = &mut self.messages else { return Ok(None) };
+        let mut batch = Vec::with_capacity(HISTORY_BATCH);
+        while batch.len() < HISTORY_BATCH {
+            let message = tokio::time::timeout(HISTORY_TIMEOUT, messages.next())
+                .await
+                .context("timed out reading history")?
+                .context("history ended early")??;
+            let info = message.info().map_err(|error| anyhow::anyhow!("message without info: {error}"))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > self.to {
+                self.messages = None;
+                break;
+            }
+            if let Ok(event) = Event::from_stream(self.subjects, &message.subject, &message.payload, seq) {
+                batch.push(Arc::new(event));
+            }
+            if seq >= self.to || pending == 0 {
+                self.messages = None;
+                break;
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.delete_consumer(&self.name)).await;
     }
 }
 
@@ -269,16 +330,21 @@ impl Connection {
             }
             let index = self.covered / CHUNK;
             let end = (index + 1) * CHUNK;
-            if end > to {
-                // `to` is a sequence the hub has seen, so the stream holds everything up
-                // to it; past it the chunk is not whole yet.
+            // `to` is a sequence the hub has seen, so the stream holds everything up to
+            // it; a chunk that ends past it is not whole yet, and is not shared.
+            let shared = if end <= to {
+                match chunk(&self.ctx, &self.shared, stream, index).await {
+                    Ok(chunk) => chunk,
+                    Err(Failure::End(end)) => return Err(end),
+                    Err(Failure::Read(error)) => return Err(self.history_failed(&format!("{error:#}"))),
+                }
+            } else {
+                None
+            };
+            let Some(chunk) = shared else {
                 let _permit = history_permit(&self.ctx, &self.shared).await?;
-                return self.replay_stream(stream, to).await;
-            }
-            let chunk = match chunk(&self.ctx, &self.shared, stream, index).await {
-                Ok(chunk) => chunk,
-                Err(Failure::End(end)) => return Err(end),
-                Err(Failure::Read(error)) => return Err(self.history_failed(&format!("{error:#}"))),
+                self.replay_stream(stream, end.min(to)).await?;
+                continue;
             };
             if self.covered < chunk.complete_after {
                 return Err(self.history_failed("the stream dropped events this client needs"));
@@ -300,84 +366,42 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends the events in `(covered, to]` from JetStream, holding a history permit.
+    /// Sends the events in `(covered, to]` from JetStream as this client's own read,
+    /// holding a history permit.
     async fn replay_stream<I>(&mut self, stream: &jetstream::stream::Stream<I>, to: u64) -> Result<(), End> {
         if to <= self.covered {
             return Ok(());
         }
-        let subjects = &self.ctx.history.subjects;
-        let from = self.covered + 1;
+        // Its own handle on the context: the reader borrows from it while `self` writes.
+        let ctx = self.ctx.clone();
+        let history = &ctx.history;
         let filter = match self.scope.single_account() {
-            Some(account) => subjects.account(account),
-            None => subjects.all(),
+            Some(account) => history.subjects.account(account),
+            None => history.subjects.all(),
         };
-        let created = async {
-            let consumer = stream
-                .create_consumer(consumer::pull::Config {
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
-                    ack_policy: consumer::AckPolicy::None,
-                    filter_subject: filter,
-                    inactive_threshold: Duration::from_secs(30),
-                    memory_storage: true,
-                    ..Default::default()
-                })
-                .await?;
-            anyhow::Ok(consumer)
+        let mut reader = match Reader::open(history, stream, self.covered + 1, to, filter).await {
+            Ok(reader) => reader,
+            Err(error) => return Err(self.history_failed(&format!("{error:#}"))),
         };
-        let mut consumer = match tokio::time::timeout(HISTORY_TIMEOUT, created).await {
-            Ok(Ok(created)) => created,
-            Ok(Err(error)) => return Err(self.history_failed(&error.to_string())),
-            Err(_) => return Err(self.history_failed("timed out creating a consumer")),
-        };
-        let name = consumer.cached_info().name.clone();
-        let result = if consumer.cached_info().num_pending == 0 {
-            Ok(())
-        } else {
-            self.read_history(&mut consumer, to).await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.delete_consumer(&name)).await;
-        result
-    }
-
-    async fn read_history(&mut self, consumer: &mut consumer::PullConsumer, to: u64) -> Result<(), End> {
-        let mut messages = match consumer.stream().max_messages_per_batch(256).messages().await {
-            Ok(messages) => messages,
-            Err(error) => return Err(self.history_failed(&error.to_string())),
-        };
-        let subjects = self.ctx.history.subjects.clone();
-        let mut batch: Vec<SharedEvent> = Vec::with_capacity(HISTORY_BATCH);
-        loop {
-            let message = match tokio::time::timeout(HISTORY_TIMEOUT, messages.next()).await {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(error))) => return Err(self.history_failed(&error.to_string())),
-                Ok(None) => return Err(self.history_failed("history ended early")),
-                Err(_) => return Err(self.history_failed("timed out reading history")),
-            };
-            let Ok(info) = message.info() else {
-                return Err(self.history_failed("message without info"));
-            };
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if seq > to {
-                break;
-            }
-            if let Ok(event) = Event::from_stream(&subjects, &message.subject, &message.payload, seq)
-                && self.scope.allows(&event.account_id)
-            {
-                batch.push(Arc::new(event));
-            }
-            let done = seq >= to || pending == 0;
-            if batch.len() >= HISTORY_BATCH || done {
-                self.send_events(&batch).await?;
-                batch.clear();
-            }
-            if done {
-                break;
-            }
-        }
-        self.send_events(&batch).await?;
+        let sent = self.send_from(&mut reader).await;
+        reader.close().await;
+        sent?;
         // Whatever matched nothing up to `to` is covered too.
         self.covered = self.covered.max(to);
         Ok(())
+    }
+
+    async fn send_from<I>(&mut self, reader: &mut Reader<'_, I>) -> Result<(), End> {
+        loop {
+            match reader.next_batch().await {
+                Ok(Some(mut batch)) => {
+                    batch.retain(|event| self.scope.allows(&event.account_id));
+                    self.send_events(&batch).await?;
+                }
+                Ok(None) => return Ok(()),
+                Err(error) => return Err(self.history_failed(&format!("{error:#}"))),
+            }
+        }
     }
 
     fn history_failed(&self, error: &str) -> End {
@@ -402,13 +426,14 @@ async fn chunk(
     shared: &ConnShared,
     stream: &jetstream::stream::Stream,
     index: u64,
-) -> Result<Arc<Chunk>, Failure> {
+) -> Result<Option<Arc<Chunk>>, Failure> {
     let history = &ctx.history;
     let key = (stream.cached_info().created.unix_timestamp_nanos(), index);
     let read = async {
         let _permit = history_permit(ctx, shared).await.map_err(Failure::End)?;
-        metrics::history_chunk_read();
-        history.read_chunk(stream, index).await.map_err(Failure::Read)
+        let chunk = history.read_chunk(stream, index).await.map_err(Failure::Read)?;
+        metrics::history_chunk_read(if chunk.is_some() { "shared" } else { "too_big" });
+        Ok(chunk)
     };
     history.chunks.get_or_insert_async(&key, read).await
 }

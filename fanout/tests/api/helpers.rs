@@ -174,10 +174,10 @@ impl TestApp {
             .collect()
     }
 
-    /// A counter without labels, as `/metrics` shows it (0 before its first count).
-    pub async fn counter(&self, name: &str) -> u64 {
+    /// One series, name and labels as `/metrics` shows them (0 before its first count).
+    pub async fn counter(&self, series: &str) -> u64 {
         let metrics = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
-        let value = metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' '));
+        let value = metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' '));
         value.map_or(0, |n| n.trim().parse().unwrap())
     }
 

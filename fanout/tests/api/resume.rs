@@ -197,7 +197,8 @@ async fn reconnect_storm(replay_window: usize) {
         }
     });
     let mut clients = futures::future::join_all(resumes).await;
-    assert_eq!(app.counter("fanout_history_chunks_read_total").await, 2, "each whole chunk read once");
+    let read = app.counter(r#"fanout_history_chunks_read_total{outcome="shared"}"#).await;
+    assert_eq!(read, 2, "each whole chunk read once");
     let live = app.events.publish("acc_a", Some("c"), json!({})).await;
     for (i, client) in clients.iter_mut().enumerate() {
         if i == 1 {
@@ -206,6 +207,26 @@ async fn reconnect_storm(replay_window: usize) {
             assert_eq!(client.seqs(1).await, vec![live], "live right after the history");
         }
     }
+}
+
+#[tokio::test]
+async fn a_chunk_too_big_to_keep_is_streamed_by_each_client_in_order() {
+    let app = spawn_app_with(|c| c.replay_window = 0).await;
+    let since = app.events.publish("acc_a", Some("c"), json!({})).await;
+    // 1,100 events of 10 KiB: the first chunk alone would take 10 MiB.
+    let padding = "x".repeat(10 * 1024);
+    let mut missed = Vec::new();
+    for i in 0..CHUNK as usize + 76 {
+        missed.push(app.events.publish("acc_a", Some("c"), json!({"i": i, "pad": padding})).await);
+    }
+    for _ in 0..2 {
+        let (mut client, hello) = app.connect_hello(&token(&["acc_a"]), Some(since)).await;
+        assert_eq!(hello["recovered"], true, "{hello}");
+        assert_eq!(client.seqs(missed.len()).await, missed);
+        assert_eq!(client.ping().await["type"], "pong", "nothing more");
+    }
+    let read = app.counter(r#"fanout_history_chunks_read_total{outcome="too_big"}"#).await;
+    assert_eq!(read, 1, "found too big once, then not read again");
 }
 
 #[tokio::test]
