@@ -260,9 +260,8 @@ impl Connection {
             self.send_json(hello(head, heartbeat, Some(false))).await?;
             self.covered = head;
         } else {
-            // The turn is held for the stream-info request only: chunks take their own
-            // while read, and a client waiting on a chunk another client reads must not
-            // hold one meanwhile.
+            // The turn is kept for reading the stream alone, if that comes first; it is
+            // let go before waiting for a chunk (see `send_history`).
             let permit = history_permit(&self.ctx, &self.shared).await?;
             let bounds = match self.ctx.history.bounds().await {
                 Ok(bounds) => bounds,
@@ -272,7 +271,6 @@ impl Connection {
                     return Err(End::Close(Close::RESUME_FAILED));
                 }
             };
-            drop(permit);
             let gone = since > head.max(bounds.last) || since + 1 < bounds.first;
             if gone {
                 metrics::resume("gone");
@@ -284,7 +282,7 @@ impl Connection {
                 // A client ahead of this replica (it saw `since` elsewhere) skips
                 // whatever this replica still has to deliver up to `since`.
                 self.covered = since;
-                self.send_history(&bounds.stream, head).await?;
+                self.send_history(&bounds.stream, head, Some(permit)).await?;
             }
         }
         let mut rounds = 0;
@@ -304,13 +302,11 @@ impl Connection {
             match backlog {
                 Some(events) => self.send_events(&events).await?,
                 None => {
-                    let stream = {
-                        let _permit = history_permit(&self.ctx, &self.shared).await?;
-                        let history = &self.ctx.history;
-                        history.js.get_stream(&history.stream_name).await
-                    };
+                    let permit = history_permit(&self.ctx, &self.shared).await?;
+                    let history = &self.ctx.history;
+                    let stream = history.js.get_stream(&history.stream_name).await;
                     let stream = stream.map_err(|error| self.history_failed(&error.to_string()))?;
-                    self.send_history(&stream, head).await?
+                    self.send_history(&stream, head, Some(permit)).await?
                 }
             }
             self.covered = self.covered.max(head);
@@ -322,7 +318,17 @@ impl Connection {
     /// whole chunks from the shared cache (read from JetStream by whoever needs them
     /// first), then the window as soon as it reaches back, and a last stretch the
     /// replica has not seen a whole chunk of yet from this client's own read.
-    async fn send_history(&mut self, stream: &jetstream::stream::Stream, to: u64) -> Result<(), End> {
+    ///
+    /// `permit`, a history turn the caller already holds, serves that read, so that a
+    /// client does not queue twice in a storm. It is let go before waiting for a chunk:
+    /// the client reading it may need a turn, and 64 waiters holding them all would
+    /// leave it none.
+    async fn send_history(
+        &mut self,
+        stream: &jetstream::stream::Stream,
+        to: u64,
+        mut permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), End> {
         while self.covered < to {
             if let Some(events) = self.ctx.hub.backlog(self.covered, &self.scope) {
                 self.send_events(&events).await?;
@@ -333,6 +339,7 @@ impl Connection {
             // `to` is a sequence the hub has seen, so the stream holds everything up to
             // it; a chunk that ends past it is not whole yet, and is not shared.
             let shared = if end <= to {
+                drop(permit.take());
                 match chunk(&self.ctx, &self.shared, stream, index).await {
                     Ok(chunk) => chunk,
                     Err(Failure::End(end)) => return Err(end),
@@ -342,7 +349,10 @@ impl Connection {
                 None
             };
             let Some(chunk) = shared else {
-                let _permit = history_permit(&self.ctx, &self.shared).await?;
+                let _permit = match permit.take() {
+                    Some(permit) => permit,
+                    None => history_permit(&self.ctx, &self.shared).await?,
+                };
                 self.replay_stream(stream, end.min(to)).await?;
                 continue;
             };
