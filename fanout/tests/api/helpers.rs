@@ -80,6 +80,16 @@ impl Events {
         ack.sequence
     }
 
+    /// Publishes `n` events to `acc_a`'s chat `c`, the i-th with `data(i)`; returns their
+    /// sequences.
+    pub async fn publish_many(&self, n: usize, data: impl Fn(usize) -> Value) -> Vec<u64> {
+        let mut seqs = Vec::with_capacity(n);
+        for i in 0..n {
+            seqs.push(self.publish("acc_a", Some("c"), data(i)).await);
+        }
+        seqs
+    }
+
     pub async fn stream(&self) -> jetstream::stream::Stream {
         self.js.get_stream(&self.stream_name).await.expect("stream exists")
     }

@@ -139,10 +139,7 @@ async fn a_long_resume_under_live_traffic_has_no_gap_and_no_duplicate() {
     .await;
     let since = app.events.publish("acc_a", Some("c"), json!({})).await;
     let padding = "x".repeat(16 * 1024);
-    let mut expected = Vec::new();
-    for i in 0..600 {
-        expected.push(app.events.publish("acc_a", Some("c"), json!({"i": i, "pad": padding})).await);
-    }
+    let mut expected = app.events.publish_many(600, |i| json!({"i": i, "pad": padding})).await;
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(app.addr).await.unwrap();
@@ -150,9 +147,7 @@ async fn a_long_resume_under_live_traffic_has_no_gap_and_no_duplicate() {
     let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.unwrap();
     let mut client = WsClient { ws };
     assert_eq!(client.hello().await["recovered"], true);
-    for i in 0..100 {
-        expected.push(app.events.publish("acc_a", Some("c"), json!({"live": i})).await);
-    }
+    expected.extend(app.events.publish_many(100, |i| json!({"live": i})).await);
     assert_eq!(client.seqs(expected.len()).await, expected);
     let last = app.events.publish("acc_a", Some("c"), json!({})).await;
     assert_eq!(client.seqs(1).await, vec![last], "live after catching up");
@@ -215,10 +210,7 @@ async fn a_chunk_too_big_to_keep_is_streamed_by_each_client_in_order() {
     let since = app.events.publish("acc_a", Some("c"), json!({})).await;
     // 1,100 events of 10 KiB: the first chunk alone would take 10 MiB.
     let padding = "x".repeat(10 * 1024);
-    let mut missed = Vec::new();
-    for i in 0..CHUNK as usize + 76 {
-        missed.push(app.events.publish("acc_a", Some("c"), json!({"i": i, "pad": padding})).await);
-    }
+    let missed = app.events.publish_many(CHUNK as usize + 76, |i| json!({"i": i, "pad": padding})).await;
     for _ in 0..2 {
         let (mut client, hello) = app.connect_hello(&token(&["acc_a"]), Some(since)).await;
         assert_eq!(hello["recovered"], true, "{hello}");
@@ -287,10 +279,7 @@ async fn a_resume_further_back_than_the_gap_limit_is_not_recovered_but_one_withi
     .await;
     let far = app.events.publish("acc_a", Some("c"), json!({})).await;
     let near = app.events.publish("acc_a", Some("c"), json!({})).await;
-    let mut missed = Vec::new();
-    for _ in 0..3 {
-        missed.push(app.events.publish("acc_a", Some("c"), json!({})).await);
-    }
+    let missed = app.events.publish_many(3, |_| json!({})).await;
     // `far` is 4 behind the head: the stream still has everything, but the limit says no.
     let (mut refused, hello) = app.connect_hello(&token(&["acc_a"]), Some(far)).await;
     assert_eq!(hello["recovered"], false, "{hello}");
@@ -310,10 +299,7 @@ async fn a_resume_further_back_than_the_gap_limit_is_not_recovered_but_one_withi
 async fn the_gap_limit_does_not_refuse_what_the_window_holds() {
     let app = spawn_app_with(|c| c.max_resume_gap = 1).await;
     let since = app.events.publish("acc_a", Some("c"), json!({})).await;
-    let mut missed = Vec::new();
-    for _ in 0..3 {
-        missed.push(app.events.publish("acc_a", Some("c"), json!({})).await);
-    }
+    let missed = app.events.publish_many(3, |_| json!({})).await;
     let (mut client, hello) = app.connect_hello(&token(&["acc_a"]), Some(since)).await;
     assert_eq!(hello["recovered"], true, "{hello}");
     assert_eq!(client.seqs(missed.len()).await, missed);
