@@ -104,7 +104,7 @@ impl Relay {
         let stream_name = format!("E2E_{id}");
         let prefix = format!("e2e{id}.events");
         // fanout first: ingest's CORS must allow the page's origin.
-        let (fanout, fanout_port) = start_fanout(0, &stream_name, &prefix).await;
+        let (fanout, fanout_port) = start_fanout(0, &stream_name, &prefix, &[]).await;
         let database = create_database("e2e").await;
         let database_url = &database.url;
         let args = [
@@ -172,7 +172,12 @@ impl Relay {
 
     /// Starts a new fanout on the same port, as a restarted replica would be.
     pub async fn restart_fanout(&mut self) {
-        let (fanout, port) = start_fanout(self.fanout_port, &self.stream_name, &self.prefix).await;
+        self.restart_fanout_with(&[]).await;
+    }
+
+    /// Same, with more flags for the new replica.
+    pub async fn restart_fanout_with(&mut self, flags: &[&str]) {
+        let (fanout, port) = start_fanout(self.fanout_port, &self.stream_name, &self.prefix, flags).await;
         assert_eq!(port, self.fanout_port);
         self.fanout = fanout;
         self.wait_ready(&format!("{}/readyz", self.fanout_url())).await;
@@ -241,7 +246,7 @@ fn chrono_now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-async fn start_fanout(port: u16, stream_name: &str, prefix: &str) -> (Server, u16) {
+async fn start_fanout(port: u16, stream_name: &str, prefix: &str, flags: &[&str]) -> (Server, u16) {
     let args = [
         "fanout".to_owned(),
         format!("--listen=127.0.0.1:{port}"),
@@ -251,6 +256,7 @@ async fn start_fanout(port: u16, stream_name: &str, prefix: &str) -> (Server, u1
         format!("--subject-prefix={prefix}"),
         "--shutdown-grace-secs=1".to_owned(),
     ];
+    let args = args.into_iter().chain(flags.iter().map(|flag| flag.to_string()));
     let config = FanoutArgs::try_parse_from(args).expect("fanout test configuration parses").config;
     // A just-closed listener may take a moment to release its port.
     let mut tries = 0;

@@ -106,6 +106,54 @@ async fn the_inbox_page_shows_messages_live_and_resumes_after_losing_its_socket(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_the_replica_will_not_replay_reloads_the_page_by_rest_and_loses_nothing() {
+    let mut relay = Relay::start().await;
+    let (account, chat) = ("accE2e", "chatA");
+    relay.post_message(account, chat, "Before the outage").await;
+    let browser = Browser::start().await;
+    let page =
+        format!("{}/?api={}&token={}&chat={chat}", relay.fanout_url(), relay.ingest_url, relay.token());
+    browser.client.goto(&page).await.expect("the page loads");
+    browser.wait_until("the page is live", "document.body.dataset.hellos === '1'", WAIT).await;
+    browser.wait_until("the history shows", &messages_show("Before the outage"), WAIT).await;
+
+    // While the page has no socket, more happens than the new replica will replay: it
+    // keeps no window and reaches back one stream sequence at most.
+    relay.stop_fanout().await;
+    browser
+        .wait_until(
+            "the page notices and reconnects",
+            "document.getElementById('status').dataset.state === 'reconnecting'",
+            WAIT,
+        )
+        .await;
+    let missed = ["Missed one", "Missed two", "Missed three"];
+    for text in missed {
+        relay.post_message(account, chat, text).await;
+    }
+    relay.restart_fanout_with(&["--replay-window=0", "--max-resume-gap=1"]).await;
+    browser.wait_until("the page is live again", "document.body.dataset.hellos === '2'", WAIT).await;
+    browser
+        .wait_until("told the history is not replayed", "document.body.dataset.recovered === 'false'", WAIT)
+        .await;
+    // `reload`: the page fetches the chat list and the open chat again by REST.
+    for text in missed {
+        browser.wait_until(&format!("{text:?} shows after the reload"), &messages_show(text), WAIT).await;
+    }
+    browser.wait_until("the badge counts all four", &format!("{} === '4'", badge(chat)), WAIT).await;
+    relay.post_message(account, chat, "Live again").await;
+    browser.wait_until("live events follow the reload", &messages_show("Live again"), WAIT).await;
+    let shown = browser
+        .eval("[...document.querySelectorAll('#messages .msg')].map(m => m.dataset.messageId).length")
+        .await;
+    assert_eq!(shown, 5, "every message shows exactly once");
+    browser.screenshot("reloaded").await;
+
+    browser.close().await;
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_js_hands_an_event_the_stream_holds_twice_to_handlers_once() {
     let relay = Relay::start().await;
     let browser = Browser::start().await;
