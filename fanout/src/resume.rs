@@ -91,6 +91,8 @@ pub struct History {
     pub reads: Arc<Semaphore>,
     /// Most stream sequences a resume may read back through JetStream.
     pub max_gap: u64,
+    /// The last chunk read, if it failed (see [`FAILURE_HOLD`]).
+    last_failure: Arc<LastFailure>,
     /// `None` for a chunk too big to share ([`CHUNK_MAX_BYTES`]).
     chunks: Arc<quick_cache::sync::Cache<ChunkKey, Option<Arc<Chunk>>, ChunkWeight>>,
 }
@@ -111,6 +113,7 @@ impl History {
             subjects,
             reads: Arc::new(Semaphore::new(MAX_HISTORY_READS)),
             max_gap,
+            last_failure: Arc::default(),
             chunks: Arc::new(chunks),
         }
     }
@@ -440,12 +443,40 @@ async fn chunk(
     let history = &ctx.history;
     let key = (stream.cached_info().created.unix_timestamp_nanos(), index);
     let read = async {
+        // Every client waiting for this chunk takes over the read in turn when it
+        // fails: with NATS hanging, the last of a storm's clients would wait one
+        // HISTORY_TIMEOUT per client before it. After a failure they give up at once
+        // instead (1011: they retry later, with backoff).
+        if history.last_failure.within(FAILURE_HOLD) {
+            return Err(Failure::Read(anyhow::anyhow!("reading history failed moments ago")));
+        }
         let _permit = history_permit(ctx, shared).await.map_err(Failure::End)?;
-        let chunk = history.read_chunk(stream, index).await.map_err(Failure::Read)?;
+        let read = history.read_chunk(stream, index).await;
+        history.last_failure.record(read.is_err());
+        let chunk = read.map_err(Failure::Read)?;
         metrics::history_chunk_read(if chunk.is_some() { "shared" } else { "too_big" });
         Ok(chunk)
     };
     history.chunks.get_or_insert_async(&key, read).await
+}
+
+/// How long after a failed chunk read the others fail without trying.
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+/// When something last failed, if it has not succeeded since.
+#[derive(Debug, Default)]
+struct LastFailure(std::sync::Mutex<Option<tokio::time::Instant>>);
+
+impl LastFailure {
+    fn record(&self, failed: bool) {
+        let mut last = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *last = failed.then(tokio::time::Instant::now);
+    }
+
+    fn within(&self, hold: Duration) -> bool {
+        let last = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        last.is_some_and(|at| at.elapsed() < hold)
+    }
 }
 
 /// Waits for a turn to read JetStream (see [`MAX_HISTORY_READS`]), giving up when the
@@ -467,5 +498,23 @@ async fn history_permit(ctx: &ConnectionContext, shared: &ConnShared) -> Result<
         permit = reads.acquire_owned() => permit.map_err(|_| End::Close(Close::SHUTDOWN)),
         kick = shared.kicked() => Err(End::Close(kick.into())),
         _ = ctx.shutdown.cancelled() => Err(End::Close(Close::SHUTDOWN)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_holds_for_a_moment_and_a_success_clears_it() {
+        let last = LastFailure::default();
+        assert!(!last.within(FAILURE_HOLD), "nothing failed yet");
+        last.record(true);
+        assert!(last.within(FAILURE_HOLD));
+        tokio::time::advance(FAILURE_HOLD).await;
+        assert!(!last.within(FAILURE_HOLD), "held for FAILURE_HOLD only");
+        last.record(true);
+        last.record(false);
+        assert!(!last.within(FAILURE_HOLD), "a success clears it");
     }
 }
