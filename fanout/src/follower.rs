@@ -228,10 +228,7 @@ impl Follower {
                     }
                     pos.last = seq;
                     match Event::from_stream(&self.subjects, &message.subject, &message.payload, seq) {
-                        Ok(event) => {
-                            metrics::event_in();
-                            self.hub.publish(Arc::new(event));
-                        }
+                        Ok(event) => self.hub.publish(Arc::new(event)),
                         Err(skip) => {
                             tracing::warn!(seq, subject = %message.subject, reason = %skip, "skipping stream message");
                             metrics::event_skipped(skip.as_str());

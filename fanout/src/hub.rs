@@ -293,7 +293,8 @@ impl Hub {
         true
     }
 
-    /// Offers an event to every connection allowed to see it. Never waits.
+    /// Offers an event to every connection allowed to see it, and keeps it in the
+    /// window. Never waits.
     pub fn publish(&self, event: SharedEvent) {
         let mut inner = self.lock();
         if event.seq <= inner.head {
@@ -304,6 +305,10 @@ impl Hub {
             inner.window_base = event.seq - 1;
         }
         inner.head = event.seq;
+        if inner.started {
+            // Not the events read to fill the window before the replica opens.
+            metrics::event_in();
+        }
         if self.window_capacity > 0 {
             inner.window.push_back(event.clone());
             while inner.window.len() > self.window_capacity {

@@ -1,7 +1,8 @@
 //! The Prometheus series fanout exports, named in one place.
 //!
 //! - `fanout_connections` (gauge): open WebSocket connections.
-//! - `fanout_events_in_total` (counter): events taken from the stream;
+//! - `fanout_events_in_total` (counter): events taken from the stream once the replica
+//!   is open (not those read to fill its window at start);
 //!   `fanout_events_skipped_total{reason}`: stream messages that were not events.
 //! - `fanout_frames_out_total` (counter): event frames written to clients.
 //! - `fanout_slow_consumer_closes_total` (counter): clients closed for not reading.

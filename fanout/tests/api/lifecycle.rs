@@ -2,7 +2,9 @@
 
 use serde_json::json;
 
-use crate::helpers::{Events, Frame, SECRET, nats_url, spawn_app, spawn_app_with, token, wait_until};
+use crate::helpers::{
+    Events, Frame, SECRET, config, nats_url, spawn, spawn_app, spawn_app_with, token, wait_until,
+};
 
 #[tokio::test]
 async fn health_and_readiness_answer_and_metrics_name_the_series() {
@@ -80,4 +82,16 @@ async fn the_binary_raises_a_low_soft_open_file_limit_and_sizes_its_connection_l
     let files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
     assert_eq!(files.split_whitespace().skip(3).take(2).collect::<Vec<_>>(), ["600", "600"], "{files}");
     fanout.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn events_read_to_fill_the_window_at_start_do_not_count_as_events_in() {
+    let url = nats_url();
+    let events = Events::new(&url).await;
+    fanout::follower::ensure_stream(&events.js, &events.stream_name, &events.subjects).await.unwrap();
+    events.publish_many(5, |_| json!({})).await;
+    let app = spawn(config(&url, &events), events).await;
+    assert_eq!(app.counter("fanout_events_in_total").await, 0, "5 events filled the window");
+    app.events.publish("acc_a", Some("c"), json!({})).await;
+    wait_until("the live event counts", || async { app.counter("fanout_events_in_total").await == 1 }).await;
 }
