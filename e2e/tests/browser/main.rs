@@ -26,6 +26,13 @@ fn messages_show(text: &str) -> String {
     format!("document.getElementById('messages').innerText.includes({text:?})")
 }
 
+/// Stops fanout and waits until the page has noticed its socket is gone.
+async fn stop_fanout_under(relay: &mut Relay, browser: &Browser) {
+    relay.stop_fanout().await;
+    let reconnecting = "document.getElementById('status').dataset.state === 'reconnecting'";
+    browser.wait_until("the page notices and reconnects", reconnecting, WAIT).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inbox_page_shows_messages_live_and_resumes_after_losing_its_socket() {
     let mut relay = Relay::start().await;
@@ -77,14 +84,7 @@ async fn the_inbox_page_shows_messages_live_and_resumes_after_losing_its_socket(
 
     // The socket dies (fanout restarts); a message arrives meanwhile; the page resumes
     // with `since` and shows it without reloading.
-    relay.stop_fanout().await;
-    browser
-        .wait_until(
-            "the page notices and reconnects",
-            "document.getElementById('status').dataset.state === 'reconnecting'",
-            WAIT,
-        )
-        .await;
+    stop_fanout_under(&mut relay, &browser).await;
     relay.post_message(account, chat_a, "Sent while you were away").await;
     relay.restart_fanout().await;
     browser.wait_until("the page is live again", "document.body.dataset.hellos === '2'", WAIT).await;
@@ -119,14 +119,7 @@ async fn a_resume_the_replica_will_not_replay_reloads_the_page_by_rest_and_loses
 
     // While the page has no socket, more happens than the new replica will replay: it
     // keeps no window and reaches back one stream sequence at most.
-    relay.stop_fanout().await;
-    browser
-        .wait_until(
-            "the page notices and reconnects",
-            "document.getElementById('status').dataset.state === 'reconnecting'",
-            WAIT,
-        )
-        .await;
+    stop_fanout_under(&mut relay, &browser).await;
     let missed = ["Missed one", "Missed two", "Missed three"];
     for text in missed {
         relay.post_message(account, chat, text).await;
