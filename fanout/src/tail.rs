@@ -106,7 +106,7 @@ pub fn summary(seq: u64, envelope: &Value) -> String {
             };
             format!("{who}: {}", message["text"].as_str().unwrap_or("[attachment]"))
         }
-        Some("message:edited") => format!("edited: {}", data["text"].as_str().unwrap_or("")),
+        Some("message:edited") => format!("edited: {}", data["message"]["text"].as_str().unwrap_or("")),
         Some("message:reaction") => match data["reaction"]["value"].as_str() {
             Some(value) => format!("reaction {value}"),
             None => "reaction removed".into(),

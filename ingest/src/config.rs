@@ -119,6 +119,11 @@ pub struct OutboxArgs {
     /// How long a publish waits for JetStream's ack before the round is retried.
     #[arg(long, env = "OUTBOX_ACK_TIMEOUT_MS", default_value_t = 5000)]
     pub outbox_ack_timeout_ms: u64,
+    /// Strings in an event longer than this many bytes (a message's text, say) are cut
+    /// in the event, which then says `"truncated": true`; PostgreSQL and REST keep them
+    /// whole. Events are also kept under the NATS server's max_payload.
+    #[arg(long, env = "EVENT_TEXT_MAX_BYTES", default_value_t = 64 * 1024)]
+    pub event_text_max_bytes: usize,
     /// How long published rows stay in the outbox table before they are pruned.
     #[arg(long, env = "OUTBOX_RETENTION_SECS", default_value_t = 3600)]
     pub outbox_retention_secs: u64,

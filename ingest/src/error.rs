@@ -35,6 +35,9 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            // Refused for what the request carried (a U+0000 in a cursor, say): the
+            // same request would be refused again.
+            Self::Database(e) if crate::store::is_data_error(e) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Database(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -45,6 +48,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let message = match &self {
+            Self::Database(e) if crate::store::is_data_error(e) => {
+                tracing::info!(error = %e, "the database refused the request's data");
+                "the request holds a value the relay cannot store or look up".to_owned()
+            }
             Self::Database(e) => {
                 tracing::error!(error = %e, "database error");
                 "the service cannot reach its database; retry later".to_owned()

@@ -16,6 +16,7 @@ pub mod error;
 pub mod health;
 pub mod jetstream;
 pub mod outbox;
+pub mod sanitize;
 pub mod startup;
 pub mod state;
 pub mod store;

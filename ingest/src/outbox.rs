@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::HeaderMap;
-use async_nats::jetstream;
+use async_nats::jetstream::{self, ErrorCode};
 use chrono::{DateTime, Utc};
 use shared::envelope::Envelope;
 use shared::subjects::Subjects;
@@ -33,11 +33,129 @@ const PUBLISH_LOCK: i64 = 0x6f7574626f78;
 /// How often published rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Writes events to the outbox inside the caller's transaction, in the given order.
+/// Room left in a NATS message for the subject, headers and protocol line.
+const HEADROOM: usize = 1024;
+/// The smallest a string or a list is cut to while making an event fit.
+const MIN_CUT: usize = 64;
+
+/// How large an event may be on NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLimits {
+    /// Longer strings in an event's data are cut to this many bytes (`EVENT_TEXT_MAX_BYTES`).
+    pub text_max_bytes: usize,
+    /// The most bytes one serialized envelope may take: the server's max_payload less
+    /// room for the subject and headers.
+    pub max_event_bytes: usize,
+}
+
+impl EventLimits {
+    /// Limits for a server with this `max_payload` (learned from its INFO at connect).
+    pub fn new(text_max_bytes: usize, max_payload: usize) -> Self {
+        Self {
+            text_max_bytes: text_max_bytes.max(MIN_CUT),
+            max_event_bytes: max_payload.saturating_sub(HEADROOM).max(4096),
+        }
+    }
+}
+
+/// NATS's default max_payload, assumed until the server has told its own.
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+impl Default for EventLimits {
+    /// NATS's default max_payload (1 MiB) and a 64 KiB text cap.
+    fn default() -> Self {
+        Self::new(64 * 1024, DEFAULT_MAX_PAYLOAD)
+    }
+}
+
+/// The current [`EventLimits`]: the text cap and the max_payload of the NATS server the
+/// client is connected to (it may change when the client reconnects to another server).
+#[derive(Clone)]
+pub struct Sizer {
+    pub text_max_bytes: usize,
+    pub nats: async_nats::Client,
+}
+
+impl Sizer {
+    pub fn limits(&self) -> EventLimits {
+        EventLimits::new(self.text_max_bytes, max_payload(&self.nats))
+    }
+}
+
+/// The server's max_payload, or NATS's default before the first connection.
+fn max_payload(nats: &async_nats::Client) -> usize {
+    match nats.server_info().max_payload {
+        0 => DEFAULT_MAX_PAYLOAD,
+        known => known,
+    }
+}
+
+/// Makes an event fit `limits` and serializes it.
+///
+/// Strings in `data` longer than the text cap are cut (at a character boundary); if the
+/// event is still too large (a long reaction list, a huge attachment list), strings and
+/// lists are cut shorter and shorter; as a last resort `data` keeps only the message id.
+/// Whenever anything was cut the envelope says `"truncated": true`, and clients read the
+/// whole record by REST: PostgreSQL always keeps it whole.
+pub fn fit(envelope: &mut Envelope, limits: &EventLimits) -> Vec<u8> {
+    if abridge(&mut envelope.data, limits.text_max_bytes, usize::MAX) {
+        envelope.truncated = true;
+    }
+    let mut bytes = envelope.to_bytes();
+    let (mut text, mut items) = (limits.text_max_bytes, 4096usize);
+    while bytes.len() > limits.max_event_bytes && text > MIN_CUT {
+        (text, items) = ((text / 4).max(MIN_CUT), (items / 4).max(MIN_CUT / 4));
+        abridge(&mut envelope.data, text, items);
+        envelope.truncated = true;
+        bytes = envelope.to_bytes();
+    }
+    if bytes.len() > limits.max_event_bytes {
+        let message_id =
+            envelope.data.get("message_id").or_else(|| envelope.data.pointer("/message/id")).cloned();
+        envelope.data = serde_json::json!({ "message_id": message_id });
+        bytes = envelope.to_bytes();
+    }
+    bytes
+}
+
+/// Cuts every string of `value` to at most `max_bytes` and every list and object to at
+/// most `max_items` entries; `true` if anything was cut.
+fn abridge(value: &mut serde_json::Value, max_bytes: usize, max_items: usize) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.len() > max_bytes => {
+            let mut end = max_bytes;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            true
+        }
+        Value::Array(items) => {
+            let cut = items.len() > max_items;
+            items.truncate(max_items);
+            items.iter_mut().fold(cut, |any, v| abridge(v, max_bytes, max_items) | any)
+        }
+        Value::Object(map) => {
+            let cut = map.len() > max_items;
+            if cut {
+                let keep: serde_json::Map<String, Value> =
+                    std::mem::take(map).into_iter().take(max_items).collect();
+                *map = keep;
+            }
+            map.values_mut().fold(cut, |any, v| abridge(v, max_bytes, max_items) | any)
+        }
+        _ => false,
+    }
+}
+
+/// Writes events to the outbox inside the caller's transaction, in the given order,
+/// each made to fit `limits` (see [`fit`]).
 pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
     subjects: &Subjects,
-    events: &[Envelope],
+    limits: &EventLimits,
+    events: &mut [Envelope],
 ) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
@@ -45,7 +163,11 @@ pub async fn enqueue(
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let subject_names: Vec<String> =
         events.iter().map(|e| subjects.event(&e.account_id, e.chat_id.as_deref(), e.event_type)).collect();
-    let payloads: Vec<Vec<u8>> = events.iter().map(Envelope::to_bytes).collect();
+    let payloads: Vec<Vec<u8>> = events.iter_mut().map(|e| fit(e, limits)).collect();
+    let cut = events.iter().filter(|e| e.truncated).count();
+    if cut > 0 {
+        metrics::counter!("outbox_events_truncated_total").increment(cut as u64);
+    }
     sqlx::query(
         "insert into outbox (event_id, subject, payload)
          select * from unnest($1::uuid[], $2::text[], $3::bytea[])",
@@ -64,6 +186,7 @@ struct Pending {
     event_id: Uuid,
     subject: String,
     payload: Vec<u8>,
+    attempts: i32,
     created_at: DateTime<Utc>,
 }
 
@@ -75,9 +198,27 @@ enum Round {
     Busy,
 }
 
+/// What became of one row in a round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sent {
+    /// JetStream stored it (or had it already): marked published, never sent again.
+    Acked,
+    /// It can never be published (larger than the server accepts): set aside with the
+    /// reason, so the rows after it go on.
+    Parked(String),
+    /// Not published this time (connection lost, no ack in time): tried again later.
+    Failed(String),
+}
+
+/// Room for the `Nats-Msg-Id` header and the protocol line around a payload.
+const HEADER_BYTES: usize = 128;
+/// After this many refusals by JetStream itself (not outages), a row is parked.
+const MAX_REFUSALS: i32 = 10;
+
 /// Publishes outbox rows to JetStream.
 pub struct Relay {
     pool: PgPool,
+    nats: async_nats::Client,
     js: jetstream::Context,
     stream: StreamSpec,
     args: OutboxArgs,
@@ -88,12 +229,13 @@ pub struct Relay {
 impl Relay {
     pub fn new(
         pool: PgPool,
-        js: jetstream::Context,
+        nats: async_nats::Client,
         stream: StreamSpec,
         args: OutboxArgs,
         wake: Arc<Notify>,
     ) -> Self {
-        Self { pool, js, stream, args, wake }
+        let js = jetstream::new(nats.clone());
+        Self { pool, nats, js, stream, args, wake }
     }
 
     /// Runs until `stop` is cancelled, then makes one last round.
@@ -165,7 +307,9 @@ impl Relay {
         }
     }
 
-    /// One round: lock, read a page of unpublished rows, publish, await acks, mark.
+    /// One round: lock, read a page of unpublished rows, publish, await acks, then
+    /// record each row's fate, whatever became of the others: acked rows are marked
+    /// published even when later ones failed, so they are never sent again.
     async fn round(&self) -> anyhow::Result<Round> {
         let mut tx = self.pool.begin().await.context("starting outbox round")?;
         let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
@@ -176,8 +320,9 @@ impl Relay {
             return Ok(Round::Busy);
         }
         let rows: Vec<Pending> = sqlx::query_as(
-            "select id, event_id, subject, payload, created_at from outbox
-             where published_at is null order by id limit $1 for update skip locked",
+            "select id, event_id, subject, payload, attempts, created_at from outbox
+             where published_at is null and parked_at is null
+             order by id limit $1 for update skip locked",
         )
         .bind(self.args.outbox_batch)
         .fetch_all(&mut *tx)
@@ -186,11 +331,20 @@ impl Relay {
             return Ok(Round::Published(0));
         }
 
-        let ack_timeout = Duration::from_millis(self.args.outbox_ack_timeout_ms);
-        let acks = tokio::time::timeout(ack_timeout, self.publish_all(&rows))
-            .await
-            .context("JetStream did not ack in time")??;
-        let acked: Vec<i64> = rows.iter().zip(&acks).filter(|(_, ok)| **ok).map(|(r, _)| r.id).collect();
+        let sent = self.publish_all(&rows).await;
+        let of = |wanted: fn(&Sent) -> bool| -> Vec<i64> {
+            rows.iter().zip(&sent).filter(|(_, s)| wanted(s)).map(|(r, _)| r.id).collect()
+        };
+        let acked = of(|s| matches!(s, Sent::Acked));
+        let failed = of(|s| matches!(s, Sent::Failed(_)));
+        let (parked, reasons): (Vec<i64>, Vec<&str>) = rows
+            .iter()
+            .zip(&sent)
+            .filter_map(|(r, s)| match s {
+                Sent::Parked(reason) => Some((r.id, reason.as_str())),
+                _ => None,
+            })
+            .unzip();
         sqlx::query(
             "update outbox set published_at = now(), attempts = attempts + 1, updated_at = now()
              where id = any($1)",
@@ -198,47 +352,105 @@ impl Relay {
         .bind(&acked)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await.context("marking events published")?;
+        if !failed.is_empty() {
+            sqlx::query("update outbox set attempts = attempts + 1, updated_at = now() where id = any($1)")
+                .bind(&failed)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !parked.is_empty() {
+            sqlx::query(
+                "update outbox o set parked_at = now(), park_reason = p.reason,
+                     attempts = o.attempts + 1, updated_at = now()
+                 from unnest($1::bigint[], $2::text[]) as p(id, reason) where o.id = p.id",
+            )
+            .bind(&parked)
+            .bind(&reasons)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await.context("recording what was published")?;
 
         let now = Utc::now();
-        for row in rows.iter().zip(&acks).filter(|(_, ok)| **ok).map(|(r, _)| r) {
+        for (row, _) in rows.iter().zip(&sent).filter(|(_, s)| **s == Sent::Acked) {
             let lag = (now - row.created_at).to_std().unwrap_or_default();
             metrics::histogram!("outbox_publish_lag_seconds").record(lag.as_secs_f64());
         }
         metrics::counter!("outbox_published_total").increment(acked.len() as u64);
-        anyhow::ensure!(
-            acked.len() == rows.len(),
-            "{} of {} events were not acked",
-            rows.len() - acked.len(),
-            rows.len()
-        );
+        for (row, s) in rows.iter().zip(&sent) {
+            if let Sent::Parked(reason) = s {
+                let kind = reason.split(':').next().unwrap_or("other").to_owned();
+                metrics::counter!("outbox_parked_total", "reason" => kind).increment(1);
+                tracing::error!(outbox_id = row.id, event_id = %row.event_id, subject = %row.subject,
+                    reason = %reason, "event parked: it cannot be published");
+            }
+        }
+        if let Some((_, Sent::Failed(first))) =
+            rows.iter().zip(&sent).find(|(_, s)| matches!(s, Sent::Failed(_)))
+        {
+            anyhow::bail!("{} of {} events were not acked: {first}", failed.len(), rows.len());
+        }
         Ok(Round::Published(rows.len()))
     }
 
-    /// Publishes every row (pipelined), then awaits the acks; `true` per acked row.
-    async fn publish_all(&self, rows: &[Pending]) -> anyhow::Result<Vec<bool>> {
+    /// Publishes the rows (pipelined) and awaits their acks, all within the ack
+    /// timeout; says what became of each. A row too large for the server is parked
+    /// without being sent (nats-server would close the connection). After a failed
+    /// send the remaining rows are not sent this round, but the acks of those already
+    /// sent are still collected.
+    async fn publish_all(&self, rows: &[Pending]) -> Vec<Sent> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.args.outbox_ack_timeout_ms);
+        let max_payload = max_payload(&self.nats);
+        let mut sent: Vec<Sent> = Vec::with_capacity(rows.len());
         let mut pending = Vec::with_capacity(rows.len());
-        for row in rows {
+        let mut broken: Option<String> = None;
+        for (i, row) in rows.iter().enumerate() {
+            if let Some(error) = &broken {
+                sent.push(Sent::Failed(format!("not sent after an earlier failure: {error}")));
+                continue;
+            }
+            let size = row.payload.len() + row.subject.len() + HEADER_BYTES;
+            if size > max_payload {
+                sent.push(Sent::Parked(format!(
+                    "too_large: {size} bytes with its headers, the server's max_payload is {max_payload}"
+                )));
+                continue;
+            }
             let mut headers = HeaderMap::new();
             headers.insert(async_nats::header::NATS_MESSAGE_ID, row.event_id.to_string().as_str());
-            let ack = self
-                .js
-                .publish_with_headers(row.subject.clone(), headers, row.payload.clone().into())
-                .await
-                .context("publishing to JetStream")?;
-            pending.push(ack);
-        }
-        let mut acked = Vec::with_capacity(pending.len());
-        for ack in pending {
-            match ack.await {
-                Ok(_) => acked.push(true),
-                Err(e) => {
-                    tracing::warn!(error = %e, "publish not acked");
-                    acked.push(false);
+            let publish =
+                self.js.publish_with_headers(row.subject.clone(), headers, row.payload.clone().into());
+            match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(ack)) => {
+                    pending.push((i, ack));
+                    sent.push(Sent::Failed("no ack".to_owned()));
+                }
+                Ok(Err(e)) => {
+                    broken = Some(e.to_string());
+                    sent.push(Sent::Failed(e.to_string()));
+                }
+                Err(_) => {
+                    broken = Some("publishing timed out".to_owned());
+                    sent.push(Sent::Failed("publishing timed out".to_owned()));
                 }
             }
         }
-        Ok(acked)
+        for (i, ack) in pending {
+            sent[i] = match tokio::time::timeout_at(deadline, ack.into_future()).await {
+                Ok(Ok(_)) => Sent::Acked,
+                Ok(Err(e)) => match refusal(&e) {
+                    Some(code) if code == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM => {
+                        Sent::Parked(format!("too_large: the stream refused it: {e}"))
+                    }
+                    Some(_) if rows[i].attempts + 1 >= MAX_REFUSALS => {
+                        Sent::Parked(format!("refused: JetStream refused it {MAX_REFUSALS} times: {e}"))
+                    }
+                    _ => Sent::Failed(e.to_string()),
+                },
+                Err(_) => Sent::Failed("JetStream did not ack in time".to_owned()),
+            };
+        }
+        sent
     }
 
     /// Records the outbox depth and, when `prune`, deletes published rows past retention.
@@ -253,10 +465,22 @@ impl Relay {
             .execute(&self.pool)
             .await?;
         }
-        let depth: i64 = sqlx::query_scalar("select count(*) from outbox where published_at is null")
-            .fetch_one(&self.pool)
-            .await?;
+        let (depth, parked): (i64, i64) = sqlx::query_as(
+            "select count(*) filter (where parked_at is null), count(*) filter (where parked_at is not null)
+             from outbox where published_at is null",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         metrics::gauge!("outbox_depth").set(depth as f64);
+        metrics::gauge!("outbox_parked").set(parked as f64);
         Ok(())
     }
+}
+
+/// The code of a JetStream API error (the server answered, and refused), if it was one;
+/// `None` for timeouts, lost connections and the like.
+fn refusal(error: &jetstream::context::PublishError) -> Option<ErrorCode> {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .map(jetstream::Error::error_code)
 }

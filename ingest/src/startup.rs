@@ -22,7 +22,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::ServeConfig;
 use crate::jetstream::StreamSpec;
-use crate::outbox::Relay;
+use crate::outbox::{Relay, Sizer};
 use crate::state::AppState;
 use crate::store::Batcher;
 use crate::{api, health, webhooks};
@@ -47,7 +47,6 @@ impl Application {
         let db = connect_database(&config).await?;
         MIGRATOR.run(&db).await.context("applying database migrations")?;
         let nats = config.nats.connect("ingest").await?;
-        let js = async_nats::jetstream::new(nats.clone());
 
         let mut tasks = JoinSet::new();
         let stop_background = CancellationToken::new();
@@ -61,15 +60,23 @@ impl Application {
         });
         let wake_relay = Arc::new(Notify::new());
         let subjects = config.nats.subject_prefix.clone();
-        let batcher =
-            Batcher::spawn(db.clone(), subjects.clone(), &config.batch, wake_relay.clone(), &mut tasks);
+        let sizer = Sizer { text_max_bytes: config.outbox.event_text_max_bytes, nats: nats.clone() };
+        tracing::info!(limits = ?sizer.limits(), "event size limits");
+        let batcher = Batcher::spawn(
+            db.clone(),
+            subjects.clone(),
+            sizer,
+            &config.batch,
+            wake_relay.clone(),
+            &mut tasks,
+        );
         let stream = StreamSpec {
             name: config.nats.stream_name.clone(),
             subjects,
             max_age: Duration::from_secs(config.outbox.stream_max_age_secs),
             duplicate_window: Duration::from_secs(config.outbox.stream_duplicate_window_secs),
         };
-        let relay = Relay::new(db.clone(), js, stream, config.outbox.clone(), wake_relay);
+        let relay = Relay::new(db.clone(), nats.clone(), stream, config.outbox.clone(), wake_relay);
         tasks.spawn(relay.run(stop_background.clone()));
         // Webhook registration and the optional history catch-up: they retry while
         // Unipile is away and end when done, so they run beside the supervised tasks.

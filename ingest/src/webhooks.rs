@@ -9,6 +9,12 @@
 //! delivery is committed (or kept as a dead letter when it cannot be used); 503 when
 //! the relay cannot save, so Unipile retries. The body is parsed as JSON whatever the
 //! `Content-Type` says: Unipile sometimes labels JSON as form data.
+//!
+//! Hostile input has a defined outcome and costs no other delivery: bodies are repaired
+//! and scrubbed of U+0000 before use ([`sanitize`]); ids over 255 bytes are
+//! dead-lettered (`id_too_long`); a delivery the database still refuses for its data is
+//! retried alone by the batcher and, refused again, dead-lettered with its raw body and
+//! answered 200, since a retry could never succeed.
 
 use std::time::Instant;
 
@@ -28,6 +34,7 @@ use shared::unipile::{AccountStatusDelivery, MessagingEvent, MessagingEventKind}
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::sanitize;
 use crate::state::AppState;
 use crate::store::accounts::StatusChange;
 use crate::store::updates::MessageUpdate;
@@ -136,13 +143,25 @@ where
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
             _ => ApiError::BadRequest(rejection.body_text()),
         })?;
-        let decision = match serde_json::from_slice::<Value>(&body) {
-            Ok(value) => handle(state.clone(), value).await.map_err(store_error)?,
+        let decision = match sanitize::parse(&body) {
+            Ok((value, repaired)) => {
+                if repaired {
+                    metrics::counter!("webhook_bodies_repaired_total", "endpoint" => endpoint).increment(1);
+                }
+                match handle(state.clone(), value).await {
+                    Ok(decision) => decision,
+                    // Refused alone for its data: a retry would be refused again.
+                    Err(StoreError::Rejected { reason }) => Decision::DeadLetter(reason),
+                    Err(e) => return Err(store_error(e)),
+                }
+            }
             Err(e) => Decision::DeadLetter(format!("body is not JSON: {e}")),
         };
         match decision {
             Decision::Stored(outcome) => Ok(AckStatus::from(outcome)),
             Decision::DeadLetter(reason) => {
+                // The reason may quote the stranger's input; the body is kept as bytes.
+                let reason = sanitize::scrubbed(&reason);
                 let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
                 tracing::warn!(endpoint, reason = %reason, "dead-lettering a delivery");
                 dead_letters::insert(&state.db, endpoint, &reason, content_type, &body).await?;

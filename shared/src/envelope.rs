@@ -83,6 +83,10 @@ pub struct Envelope {
     pub chat_id: Option<String>,
     #[serde(with = "millis")]
     pub occurred_at: DateTime<Utc>,
+    /// `true` when `data` was cut to fit on NATS (a text over the event text cap, say):
+    /// the full record is whole in PostgreSQL; clients fetch it by REST. Absent otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
     pub data: Value,
 }
 
@@ -102,6 +106,7 @@ impl Envelope {
             account_id: account_id.into(),
             chat_id,
             occurred_at,
+            truncated: false,
             data,
         }
     }

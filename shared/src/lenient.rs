@@ -54,25 +54,45 @@ pub fn opt_i64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>
     })
 }
 
-/// An identifier: a non-empty string (numbers are accepted and turned into strings).
+/// The longest id the relay stores, in bytes. Ids are primary keys: PostgreSQL's btree
+/// refuses index rows past about 2.7 KB, and real ids are well under 100 bytes.
+pub const MAX_ID_BYTES: usize = 255;
+
+/// The word that names an over-long id in errors and dead-letter reasons.
+pub const ID_TOO_LONG: &str = "id_too_long";
+
+/// An identifier: a non-empty string (numbers are accepted and turned into strings) of
+/// at most [`MAX_ID_BYTES`].
 pub fn id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     match opt_string(deserializer)? {
+        Some(id) if id.len() > MAX_ID_BYTES => Err(serde::de::Error::custom(format!(
+            "{ID_TOO_LONG}: an id may be at most {MAX_ID_BYTES} bytes, this one has {}",
+            id.len()
+        ))),
         Some(id) if !id.trim().is_empty() => Ok(id),
         _ => Err(serde::de::Error::custom("an id must be a non-empty string")),
     }
 }
 
 /// A timestamp as RFC 3339 text or as epoch milliseconds (number or numeric string);
-/// anything else reads as absent.
+/// anything else, and any time outside the years 1970 to 9999, reads as absent (the
+/// caller substitutes the time it received the delivery).
 pub fn opt_timestamp<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-    Ok(match Value::deserialize(deserializer)? {
+    let time = match Value::deserialize(deserializer)? {
         Value::String(s) => DateTime::parse_from_rfc3339(s.trim())
             .map(|t| t.with_timezone(&Utc))
             .ok()
             .or_else(|| s.trim().parse::<i64>().ok().and_then(DateTime::from_timestamp_millis)),
         Value::Number(n) => n.as_i64().and_then(DateTime::from_timestamp_millis),
         _ => None,
-    })
+    };
+    Ok(time.filter(is_storable))
+}
+
+/// Whether a time lies in the years the relay stores (1970 to 9999).
+pub fn is_storable(time: &DateTime<Utc>) -> bool {
+    use chrono::Datelike;
+    (1970..=9999).contains(&time.year())
 }
 
 /// A list that may arrive as one bare object, a list, or `null`.
@@ -138,6 +158,34 @@ mod tests {
         assert_eq!(probe(json!({"text": 42})).text.as_deref(), Some("42"));
         assert_eq!(probe(json!({"text": ""})).text, None);
         assert_eq!(probe(json!({"text": null})).text, None);
+    }
+
+    #[derive(Deserialize)]
+    struct Ids {
+        #[serde(deserialize_with = "id")]
+        id: String,
+        #[serde(default, deserialize_with = "opt_timestamp")]
+        at: Option<DateTime<Utc>>,
+    }
+
+    #[test]
+    fn ids_longer_than_the_limit_are_refused_by_name() {
+        let ok: Ids = serde_json::from_value(json!({"id": "a".repeat(MAX_ID_BYTES)})).unwrap();
+        assert_eq!(ok.id.len(), MAX_ID_BYTES);
+        let err = serde_json::from_value::<Ids>(json!({"id": "é".repeat(128)})).err().unwrap();
+        assert!(err.to_string().starts_with(ID_TOO_LONG), "{err}");
+    }
+
+    #[test]
+    fn timestamps_outside_1970_to_9999_read_as_absent() {
+        let at = |v: Value| serde_json::from_value::<Ids>(json!({"id": "x", "at": v})).unwrap().at;
+        assert!(at(json!("2026-12-02T10:00:00Z")).is_some());
+        assert!(at(json!(1_764_669_600_000i64)).is_some());
+        assert_eq!(at(json!("+300000-01-01T00:00:00Z")), None);
+        assert_eq!(at(json!(8_000_000_000_000_000i64)), None, "year 255,000 in epoch milliseconds");
+        assert_eq!(at(json!(-1)), None, "before 1970");
+        assert_eq!(at(json!("10000-01-01T00:00:00Z")), None);
+        assert_eq!(at(json!(1e300)), None);
     }
 
     #[test]

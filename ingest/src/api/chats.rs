@@ -12,6 +12,7 @@ use super::cursor::Cursor;
 use super::{ErrorBody, page_limit};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::StoreError;
 use crate::store::Write;
 use crate::store::chats::MarkRead;
 use crate::store::views::{CHAT_COLUMNS, ChatRecord};
@@ -113,16 +114,21 @@ pub async fn mark_read(
     Path(chat_id): Path<String>,
 ) -> Result<Json<ChatRecord>, ApiError> {
     visible_chat(&state.db, &caller, &chat_id).await?;
-    state
-        .batcher
-        .submit(Write::MarkRead(MarkRead { chat_id: chat_id.clone() }))
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    state.batcher.submit(Write::MarkRead(MarkRead { chat_id: chat_id.clone() })).await.map_err(
+        |e| match e {
+            StoreError::Rejected { reason } => ApiError::BadRequest(reason),
+            e => ApiError::Unavailable(e.to_string()),
+        },
+    )?;
     visible_chat(&state.db, &caller, &chat_id).await.map(Json)
 }
 
 /// The chat, if it exists and the caller may see it; otherwise 404 (never its data).
 pub async fn visible_chat(db: &PgPool, caller: &Caller, chat_id: &str) -> Result<ChatRecord, ApiError> {
+    if chat_id.len() > shared::lenient::MAX_ID_BYTES || chat_id.contains('\0') {
+        // No chat is stored under such an id.
+        return Err(ApiError::NotFound);
+    }
     let chat: Option<ChatRecord> =
         sqlx::query_as(&format!("select {CHAT_COLUMNS} from chats c where c.id = $1"))
             .bind(chat_id)

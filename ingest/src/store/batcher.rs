@@ -7,7 +7,7 @@
 //! handler after the commit. Under light load a batch is one delivery and nothing
 //! waits; under heavy load batches grow while the previous commit runs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,9 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::{Outcome, StoreError, Write, accounts, chats, is_retryable, messages, updates};
+use super::{Outcome, StoreError, Write, accounts, chats, is_data_error, is_retryable, messages, updates};
 use crate::config::BatchArgs;
-use crate::outbox;
+use crate::outbox::{self, EventLimits, Sizer};
 
 /// How many times a batch is retried after a deadlock or serialization failure.
 const RETRIES: usize = 3;
@@ -41,6 +41,7 @@ impl Batcher {
     pub fn spawn(
         pool: PgPool,
         subjects: Subjects,
+        sizer: Sizer,
         args: &BatchArgs,
         published: Arc<Notify>,
         tasks: &mut JoinSet<anyhow::Result<()>>,
@@ -51,6 +52,7 @@ impl Batcher {
             let writer = Writer {
                 pool: pool.clone(),
                 subjects: subjects.clone(),
+                sizer: sizer.clone(),
                 receiver: receiver.clone(),
                 max: args.batch_max_size.max(1),
                 window: args.window(),
@@ -79,6 +81,7 @@ impl Batcher {
 struct Writer {
     pool: PgPool,
     subjects: Subjects,
+    sizer: Sizer,
     receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
     max: usize,
     window: Duration,
@@ -89,36 +92,68 @@ impl Writer {
     async fn run(self) {
         while let Some(batch) = self.next_batch().await {
             let started = Instant::now();
-            let writes: Vec<&Write> = batch.iter().map(|j| &j.write).collect();
-            let mut result = commit(&self.pool, &self.subjects, &writes).await;
-            for _ in 0..RETRIES {
-                match &result {
-                    Err(e) if is_retryable(e) => {
-                        tracing::debug!(error = %e, "retrying batch after a lock conflict");
-                        result = commit(&self.pool, &self.subjects, &writes).await;
-                    }
-                    _ => break,
-                }
-            }
             metrics::histogram!("ingest_batch_size").record(batch.len() as f64);
+            self.save(batch).await;
             metrics::histogram!("ingest_batch_commit_seconds").record(started.elapsed().as_secs_f64());
-            match result {
+        }
+    }
+
+    /// Commits a batch and answers its jobs. When the database refuses the batch for
+    /// the data of one of its writes, the batch is split in halves, committed left then
+    /// right (so events keep their order), until the refused write is alone: it alone
+    /// gets [`StoreError::Rejected`], and every other write its normal answer.
+    async fn save(&self, batch: Vec<Job>) {
+        let mut parts = VecDeque::from([batch]);
+        while let Some(mut part) = parts.pop_front() {
+            let writes: Vec<&Write> = part.iter().map(|j| &j.write).collect();
+            match self.commit_with_retries(&writes).await {
                 Ok((outcomes, events)) => {
                     if events > 0 {
                         self.published.notify_one();
                     }
-                    for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    for (job, outcome) in part.into_iter().zip(outcomes) {
                         let _ = job.reply.send(Ok(outcome));
                     }
                 }
+                Err(e) if is_data_error(&e) && part.len() > 1 => {
+                    tracing::debug!(error = %e, size = part.len(), "batch refused for its data; splitting it");
+                    metrics::counter!("ingest_batch_splits_total").increment(1);
+                    let right = part.split_off(part.len() / 2);
+                    parts.push_front(right);
+                    parts.push_front(part);
+                }
+                Err(e) if is_data_error(&e) => {
+                    let reason = crate::sanitize::scrubbed(&e.to_string()).into_owned();
+                    tracing::warn!(reason = %reason, "the database refused a write for its data");
+                    metrics::counter!("ingest_writes_rejected_total").increment(1);
+                    for job in part {
+                        let _ = job.reply.send(Err(StoreError::Rejected { reason: reason.clone() }));
+                    }
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, size = batch.len(), "batch commit failed");
-                    for job in batch {
+                    tracing::error!(error = %e, size = part.len(), "batch commit failed");
+                    for job in part {
                         let _ = job.reply.send(Err(StoreError::Database(clone_error(&e))));
                     }
                 }
             }
         }
+    }
+
+    /// [`commit`], retried after a deadlock or serialization failure.
+    async fn commit_with_retries(&self, writes: &[&Write]) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
+        let limits = self.sizer.limits();
+        let mut result = commit(&self.pool, &self.subjects, &limits, writes).await;
+        for _ in 0..RETRIES {
+            match &result {
+                Err(e) if is_retryable(e) => {
+                    tracing::debug!(error = %e, "retrying batch after a lock conflict");
+                    result = commit(&self.pool, &self.subjects, &limits, writes).await;
+                }
+                _ => break,
+            }
+        }
+        result
     }
 
     /// Waits for one job, then takes what else is queued (within the window).
@@ -146,6 +181,7 @@ impl Writer {
 pub async fn commit(
     pool: &PgPool,
     subjects: &Subjects,
+    limits: &EventLimits,
     writes: &[&Write],
 ) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -192,8 +228,8 @@ pub async fn commit(
 
     // Events leave in the order their deliveries were queued.
     events.sort_by_key(|(i, _)| *i);
-    let envelopes: Vec<Envelope> = events.into_iter().map(|(_, e)| e).collect();
-    outbox::enqueue(&mut tx, subjects, &envelopes).await?;
+    let mut envelopes: Vec<Envelope> = events.into_iter().map(|(_, e)| e).collect();
+    outbox::enqueue(&mut tx, subjects, limits, &mut envelopes).await?;
     tx.commit().await?;
     Ok((outcomes, envelopes.len()))
 }

@@ -50,8 +50,14 @@ pub enum Write {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database could not be used (connection lost, timeout, pool exhausted...):
+    /// the same write may succeed later.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database refused this write for its data, alone in its transaction: it can
+    /// never succeed, so retrying is pointless.
+    #[error("the database refused the write: {reason}")]
+    Rejected { reason: String },
     #[error("the writers' queue is full")]
     Saturated,
     #[error("the writers have stopped")]
@@ -60,5 +66,19 @@ pub enum StoreError {
 
 /// Whether a database error is worth retrying the whole transaction for.
 pub(crate) fn is_retryable(error: &sqlx::Error) -> bool {
-    error.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "40P01" || code == "40001")
+    sqlstate(error).is_some_and(|code| code == "40P01" || code == "40001")
+}
+
+/// Whether the database refused a statement for the data it was given, so that the same
+/// data will always be refused: SQLSTATE class 22 (data exception: U+0000, a time out of
+/// range...), 23 (integrity constraint) except 23505 (a unique conflict is a race with
+/// another writer and resolves on retry) and 54 (program limit: an index row too large).
+pub fn is_data_error(error: &sqlx::Error) -> bool {
+    sqlstate(error).is_some_and(|code| {
+        code.starts_with("22") || code.starts_with("54") || (code.starts_with("23") && code != "23505")
+    })
+}
+
+fn sqlstate(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    error.as_database_error().and_then(|e| e.code())
 }

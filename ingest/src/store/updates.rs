@@ -206,7 +206,8 @@ fn change(row: &mut MessageRow, update: &MessageUpdate) -> (Outcome, Option<(Eve
         Change::Edited { text } => {
             row.text = text.clone();
             row.edited_at = Some(at);
-            let data = json!({ "text": text, "edited_at": shared::envelope::format_time(&at) });
+            // The new text is in the `message` every update event carries: not twice.
+            let data = json!({ "edited_at": shared::envelope::format_time(&at) });
             (Outcome::Accepted, Some((EventType::MessageEdited, data)))
         }
         Change::Deleted if row.deleted_at.is_some() => (Outcome::Duplicate, None),

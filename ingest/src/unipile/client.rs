@@ -357,7 +357,10 @@ impl UnipileClient {
                     })?;
                     let text: &[u8] =
                         if bytes.is_empty() && status == StatusCode::NO_CONTENT { b"null" } else { &bytes };
-                    return serde_json::from_slice(text)
+                    // The same repairs and U+0000 scrubbing as webhooks: history holds
+                    // what strangers wrote too.
+                    return crate::sanitize::parse(text)
+                        .and_then(|(value, _)| serde_json::from_value(value))
                         .map_err(|e| {
                             record(call, "decode_error");
                             UnipileError::Decode { call: call.to_string(), reason: e.to_string() }
