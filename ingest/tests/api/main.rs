@@ -8,6 +8,7 @@ mod events;
 #[allow(dead_code)] // each test module uses a different part of the harness
 mod helpers;
 mod hostile;
+mod hostile_props;
 mod outage;
 mod rest;
 mod startup;
