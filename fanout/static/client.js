@@ -39,6 +39,7 @@
  * @property {string} account_id
  * @property {string|null} chat_id
  * @property {string} occurred_at     RFC 3339
+ * @property {boolean} [truncated]    true when data was cut to fit on NATS: read the message by REST
  * @property {any} data               per type; see DESIGN.md
  */
 
