@@ -167,7 +167,7 @@ fn check_services_of(binary: &str, root: fn() -> clap::Command) -> usize {
 
 #[test]
 fn ingest_service_parses_with_ingest_own_configuration() {
-    assert_eq!(check_services_of("ingest", ingest::config::Cli::command), 1, "one ingest service");
+    assert_eq!(check_services_of("ingest", ingest::cli::Cli::command), 1, "one ingest service");
 }
 
 #[test]
@@ -292,7 +292,7 @@ fn env_example_documents_exactly_the_variables_the_services_read() {
         .filter(|(name, _)| !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
         .map(|(name, value)| (name.to_owned(), value.to_owned()))
         .collect();
-    let mut read = variables_read_by(ingest::config::Cli::command(), "serve");
+    let mut read = variables_read_by(ingest::cli::Cli::command(), "serve");
     read.extend(variables_read_by(fanout::config::Cli::command(), "serve"));
     for variable in read.keys() {
         assert!(documented.contains_key(variable), ".env.example does not document {variable}");

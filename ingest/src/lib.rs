@@ -1,7 +1,7 @@
 //! `ingest`: the webhook side of the Unipile realtime relay.
 //!
 //! Unipile POSTs every messaging event and account status change to this service. A
-//! delivery is checked ([`webhooks`]), normalised, and committed to PostgreSQL together
+//! delivery is checked ([`inbound`]), normalised, and committed to PostgreSQL together
 //! with an outbox row ([`store`]); deliveries that arrive together share one
 //! transaction. After the commit the [`outbox`] relay publishes the event to NATS
 //! JetStream, and a sweeper republishes whatever a crash or an outage left behind, so
@@ -11,9 +11,12 @@
 //! Run it with `ingest serve` (the default); `ingest --help` lists the configuration.
 
 pub mod api;
+pub mod cli;
 pub mod config;
+pub mod db;
 pub mod error;
 pub mod health;
+pub mod inbound;
 pub mod jetstream;
 pub mod outbox;
 pub mod sanitize;
@@ -21,4 +24,3 @@ pub mod startup;
 pub mod state;
 pub mod store;
 pub mod unipile;
-pub mod webhooks;

@@ -1,6 +1,6 @@
 //! The `ingest` binary: parse configuration, set up telemetry, run the chosen command.
 
-use ingest::config::{Cli, Command};
+use ingest::cli::{Cli, Command};
 use ingest::startup::Application;
 
 #[tokio::main]

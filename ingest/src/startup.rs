@@ -9,10 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use secrecy::ExposeSecret;
 use shared::claims::JwtKeys;
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -25,10 +22,7 @@ use crate::jetstream::StreamSpec;
 use crate::outbox::{Relay, Sizer};
 use crate::state::AppState;
 use crate::store::Batcher;
-use crate::{api, health, webhooks};
-
-/// Migrations, embedded at compile time and applied at start-up.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+use crate::{api, health, inbound};
 
 pub struct Application {
     listener: TcpListener,
@@ -44,8 +38,7 @@ impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let open_files = shared::http::raise_open_files_limit();
         tracing::debug!(open_files, "open-file limit");
-        let db = connect_database(&config).await?;
-        MIGRATOR.run(&db).await.context("applying database migrations")?;
+        let db = crate::db::connect_and_migrate(&config.database, u32::MAX).await?;
         let nats = config.nats.connect("ingest").await?;
 
         let mut tasks = JoinSet::new();
@@ -145,18 +138,9 @@ impl Application {
     }
 }
 
-async fn connect_database(config: &ServeConfig) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(config.database.database_max_connections)
-        .acquire_timeout(Duration::from_millis(config.database.database_acquire_timeout_ms))
-        .connect(config.database.database_url.expose_secret())
-        .await
-        .context("connecting to PostgreSQL (DATABASE_URL)")
-}
-
 fn router(state: AppState, config: &ServeConfig) -> Router {
     Router::new()
-        .merge(webhooks::router(state.clone(), config.webhook_max_body_bytes))
+        .merge(inbound::router(state.clone(), config.webhook_max_body_bytes))
         .merge(health::router())
         .merge(api::router().layer(api::cors(&config.cors_origins)))
         .layer(TimeoutLayer::with_status_code(

@@ -13,7 +13,5 @@ pub mod claims;
 pub mod config;
 pub mod envelope;
 pub mod http;
-pub mod lenient;
 pub mod subjects;
 pub mod telemetry;
-pub mod unipile;

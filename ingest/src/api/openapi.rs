@@ -51,7 +51,7 @@ impl Modify for SecuritySchemes {
         );
         components.add_security_scheme(
             "unipile_auth",
-            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(crate::webhooks::AUTH_HEADER))),
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(crate::inbound::AUTH_HEADER))),
         );
     }
 }
@@ -118,7 +118,7 @@ fn account_status_webhook() {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::webhooks::{ACCOUNT_STATUS_PATH, AckStatus, MESSAGES_PATH};
+    use crate::inbound::{ACCOUNT_STATUS_PATH, AckStatus, MESSAGES_PATH};
 
     #[test]
     fn the_document_describes_every_route() {

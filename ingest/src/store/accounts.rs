@@ -4,11 +4,11 @@
 //! delivery that repeats the current status changes nothing (`duplicate`, no event).
 //! Unipile's deliveries carry no time of their own, so arrival order decides.
 
+use crate::unipile::payload::AccountStatusDelivery;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
 use shared::envelope::{Envelope, EventType, millis};
-use shared::unipile::AccountStatusDelivery;
 use sqlx::{Postgres, Transaction};
 use utoipa::ToSchema;
 

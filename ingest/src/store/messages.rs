@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::unipile::payload::{Attendee, MessagingEvent};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use shared::envelope::{ChatView, Envelope, EventType, MessageView, SenderView};
-use shared::unipile::{Attendee, MessagingEvent};
 use sqlx::{Postgres, Transaction};
 
 use super::{Outcome, Written};

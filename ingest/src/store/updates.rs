@@ -28,10 +28,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use crate::unipile::payload::{MessagingEvent, MessagingEventKind};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use shared::envelope::{Envelope, EventType};
-use shared::unipile::{MessagingEvent, MessagingEventKind};
 use sqlx::{Postgres, Transaction};
 
 use super::chats;

@@ -13,12 +13,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use shared::config::parse_secret;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 
 use super::client::{ClientConfig, UnipileClient};
+use super::registration::{self, Ensured, WebhookSettings};
 use super::sync::{self, AccountRef, SyncReport};
 use super::types::Webhook;
-use super::webhooks::{self, Ensured, WebhookSettings};
 use crate::config::{DatabaseArgs, UnipileArgs};
 
 /// `ingest webhooks`: inspect and manage the webhooks registered with Unipile.
@@ -107,16 +106,6 @@ pub struct SyncCommand {
     pub output: OutputArgs,
 }
 
-/// `ingest serve` option for the start-up catch-up.
-#[derive(Debug, Clone, Args)]
-pub struct CatchUpArgs {
-    /// At start-up, backfill in the background what Unipile holds since the newest
-    /// message the relay stored, for every account it knows (quietly, as `ingest sync`).
-    /// Needs UNIPILE_DSN and UNIPILE_API_KEY.
-    #[arg(long = "catch-up-on-start", env = "SYNC_ON_START")]
-    pub catch_up_on_start: bool,
-}
-
 /// Parses `--since`: RFC 3339, a UTC date, or an age such as `12h` or `7d`.
 pub fn parse_since(value: &str) -> Result<DateTime<Utc>, String> {
     let value = value.trim();
@@ -193,16 +182,13 @@ pub async fn run_webhooks(command: WebhooksCommand) -> anyhow::Result<()> {
                 .map_err(|reason| anyhow::anyhow!("WEBHOOK_BASE_URL is unusable: {reason}"))?;
             let pool = match &args.database_url {
                 Some(url) => Some(
-                    PgPoolOptions::new()
-                        .max_connections(1)
-                        .acquire_timeout(Duration::from_secs(10))
-                        .connect(url.expose_secret())
+                    crate::db::pool(url, 1, Duration::from_secs(10))
                         .await
-                        .context("connecting to PostgreSQL (DATABASE_URL) for the registration lock")?,
+                        .context("for the registration lock")?,
                 ),
                 None => None,
             };
-            let done = webhooks::ensure(&client, &settings, pool.as_ref()).await?;
+            let done = registration::ensure(&client, &settings, pool.as_ref()).await?;
             if args.output.json {
                 print_json(&done)?;
             } else {
@@ -244,14 +230,7 @@ pub async fn run_sync(command: SyncCommand) -> anyhow::Result<()> {
 }
 
 async fn connect(database: &DatabaseArgs) -> anyhow::Result<PgPool> {
-    let pool = PgPoolOptions::new()
-        .max_connections(database.database_max_connections.clamp(1, 4))
-        .acquire_timeout(Duration::from_millis(database.database_acquire_timeout_ms))
-        .connect(database.database_url.expose_secret())
-        .await
-        .context("connecting to PostgreSQL (DATABASE_URL)")?;
-    crate::startup::MIGRATOR.run(&pool).await.context("applying database migrations")?;
-    Ok(pool)
+    crate::db::connect_and_migrate(database, 4).await
 }
 
 /// A webhook as the commands show it: header names only, never their values.

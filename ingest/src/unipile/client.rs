@@ -11,7 +11,7 @@
 //! that follows the cursor until it is null.
 //!
 //! Retrying a `POST /webhooks` whose answer was lost may create the webhook twice;
-//! [`super::webhooks::ensure`] removes such duplicates, so the client does not need
+//! [`super::registration::ensure`] removes such duplicates, so the client does not need
 //! to tell the cases apart.
 
 use std::fmt;

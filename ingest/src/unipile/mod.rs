@@ -1,17 +1,20 @@
 //! Everything the relay asks of Unipile's REST API.
 //!
 //! - [`client`]: a typed client with timeouts, retries and cursor pagination.
-//! - [`types`]: the request and response bodies, read leniently.
-//! - [`webhooks`]: keeping the relay's two webhooks registered (at start-up and with
+//! - [`payload`]: the webhook payloads Unipile delivers, read leniently ([`lenient`]).
+//! - [`types`]: the request and response bodies of its REST API, read leniently.
+//! - [`registration`]: keeping the relay's two webhooks registered (at start-up and with
 //!   `ingest webhooks ensure`).
 //! - [`sync`]: history backfill (`ingest sync`, and the catch-up at start-up).
 //! - [`cli`]: the `ingest webhooks ...` and `ingest sync` commands.
 
 pub mod cli;
 pub mod client;
+pub mod lenient;
+pub mod payload;
+pub mod registration;
 pub mod sync;
 pub mod types;
-pub mod webhooks;
 
 pub use client::{ClientConfig, RetryPolicy, UnipileClient, UnipileError};
 
@@ -20,7 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::config::ServeConfig;
-use webhooks::{BackgroundBackoff, Registration};
+use registration::{BackgroundBackoff, Registration};
 
 /// Starts what `ingest serve` does with Unipile's API in the background: registering
 /// the webhooks and, with `--catch-up-on-start`, backfilling what arrived while the
@@ -30,7 +33,7 @@ pub fn spawn_start_up_tasks(config: &ServeConfig, pool: PgPool) -> Vec<JoinHandl
     let registration =
         Registration::decide(config.webhook_base_url.as_deref(), &config.webhook_secret, &config.unipile);
     let mut tasks =
-        vec![webhooks::spawn_registration(registration, pool.clone(), BackgroundBackoff::default())];
+        vec![registration::spawn_registration(registration, pool.clone(), BackgroundBackoff::default())];
     if config.catch_up.catch_up_on_start {
         match cli::client_from(&config.unipile) {
             Ok(client) => tasks.push(tokio::spawn(

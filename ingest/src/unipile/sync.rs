@@ -327,7 +327,11 @@ pub const CATCH_UP_LOCK_KEY: i64 = 0x756e_6970_696c_6573;
 /// [`catch_up`] until it succeeds, pausing longer after each failure. When replicas
 /// start together, the one that takes the lock does it and the others skip it: the
 /// history is the same for all.
-pub async fn run_catch_up(client: UnipileClient, pool: PgPool, backoff: super::webhooks::BackgroundBackoff) {
+pub async fn run_catch_up(
+    client: UnipileClient,
+    pool: PgPool,
+    backoff: super::registration::BackgroundBackoff,
+) {
     let mut pause = backoff.first;
     loop {
         match catch_up_once(&client, &pool).await {

@@ -1,13 +1,13 @@
 //! Request and response bodies of Unipile's REST API, as far as the relay uses them.
 //!
-//! Responses are read as leniently as webhook deliveries (see [`shared::lenient`]):
+//! Responses are read as leniently as webhook deliveries (see [`crate::unipile::lenient`]):
 //! flags come as `0`/`1` or strings, lists may be a single object, unknown fields
 //! appear. Only a missing id makes an item unusable.
 
+use crate::unipile::lenient;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
-use shared::lenient;
 
 /// One page of a list endpoint: `{"object": "...List", "items": [..], "cursor": ..}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

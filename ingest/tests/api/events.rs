@@ -10,7 +10,7 @@ use uuid::Uuid;
 use ingest::store::batcher::commit;
 use ingest::store::updates::MessageUpdate;
 use ingest::store::{Outcome, Write};
-use shared::unipile::MessagingEvent;
+use ingest::unipile::payload::MessagingEvent;
 
 use crate::helpers::{TestApp, fixture, spawn_app};
 

@@ -2,11 +2,11 @@
 //! dead-lettered) or the contract's 4xx, never 5xx while PostgreSQL and NATS are up,
 //! and every 200 is found in `messages` or `dead_letters`.
 
+use ingest::unipile::payload::MessagingEvent;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use shared::unipile::MessagingEvent;
 
 use crate::helpers::{TestApp, message_received, spawn_app};
 
@@ -50,8 +50,10 @@ fn raw_fragment() -> impl Strategy<Value = String> {
         (1u32..2000).prop_map(|e| format!("1e{}", 300 + e)),
         Just("-9e999".to_owned()),
         "[0-9]{30,400}",
-        prop::collection::vec(0xD800u16..0xE000, 1..4)
-            .prop_map(|units| format!("\"{}\"", units.iter().map(|u| format!("\\u{u:04x}")).collect::<String>())),
+        prop::collection::vec(0xD800u16..0xE000, 1..4).prop_map(|units| format!(
+            "\"{}\"",
+            units.iter().map(|u| format!("\\u{u:04x}")).collect::<String>()
+        )),
         (1usize..200).prop_map(|depth| format!("{}1{}", "[".repeat(depth), "]".repeat(depth))),
     ]
 }

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use ingest::unipile::registration::BackgroundBackoff;
 use ingest::unipile::sync::{self, AccountRef, SyncReport};
-use ingest::unipile::webhooks::BackgroundBackoff;
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -15,7 +15,7 @@ use crate::unipile_fake::{ACCOUNT_ID, CHAT_ID, FakeUnipile, GROUP_CHAT_ID};
 async fn migrated_database() -> (PgPool, TestDatabase) {
     let database = create_database("ingest").await;
     let pool = PgPool::connect(&database.url).await.expect("connect to the test database");
-    ingest::startup::MIGRATOR.run(&pool).await.expect("migrations apply");
+    ingest::db::MIGRATOR.run(&pool).await.expect("migrations apply");
     (pool, database)
 }
 

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use ingest::config::UnipileArgs;
-use ingest::unipile::webhooks::{self, Action, BackgroundBackoff, Registration, SkipReason, WebhookSettings};
+use ingest::unipile::registration::{
+    self as webhooks, Action, BackgroundBackoff, Registration, SkipReason, WebhookSettings,
+};
 use secrecy::SecretString;
 use sqlx::PgPool;
 

@@ -18,6 +18,7 @@
 
 use std::time::Instant;
 
+use crate::unipile::payload::{AccountStatusDelivery, MessagingEvent, MessagingEventKind};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -30,7 +31,6 @@ use chrono::Utc;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::unipile::{AccountStatusDelivery, MessagingEvent, MessagingEventKind};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
