@@ -8,15 +8,9 @@ use crate::error::ApiError;
 
 /// The token of a request: the query parameter wins over the header.
 pub fn token<'a>(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Option<&'a str> {
-    query_token.filter(|t| !t.is_empty()).or_else(|| {
-        headers
-            .get(AUTHORIZATION)?
-            .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-    })
+    query_token
+        .filter(|t| !t.is_empty())
+        .or_else(|| headers.get(AUTHORIZATION)?.to_str().ok().and_then(shared::errors::bearer_token))
 }
 
 /// Checks the token and returns its claims, or the 401 to answer.

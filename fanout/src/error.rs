@@ -1,12 +1,12 @@
 //! HTTP errors of fanout, turned into responses in one place.
 //!
-//! Body shape: `{"error": "<code>", "message": "<human text>"}`.
+//! Body shape, as ingest's: `{"error": {"code": "<code>", "message": "<human text>"}}`
+//! ([`shared::errors::ErrorBody`]).
 
-use axum::Json;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use shared::errors::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -34,6 +34,6 @@ impl IntoResponse for ApiError {
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Upgrade(rejection) => (rejection.status(), "not_a_websocket_upgrade"),
         };
-        (status, Json(json!({"error": code, "message": self.to_string()}))).into_response()
+        ErrorBody::new(code, self.to_string()).respond(status)
     }
 }

@@ -3,10 +3,9 @@
 //! Every error answer is `{"error": {"code": "...", "message": "..."}}`. Database and
 //! unexpected failures are logged here and answered without detail.
 
-use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use shared::errors::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -66,8 +65,7 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut response =
-            (status, Json(json!({"error": {"code": code, "message": message}}))).into_response();
+        let mut response = ErrorBody::new(code, message).respond(status);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("5"));
         }

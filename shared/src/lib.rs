@@ -12,6 +12,7 @@
 pub mod claims;
 pub mod config;
 pub mod envelope;
+pub mod errors;
 pub mod http;
 pub mod subjects;
 pub mod telemetry;

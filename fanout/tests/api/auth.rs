@@ -46,3 +46,22 @@ async fn a_connection_is_closed_with_4002_when_its_token_expires() {
     let (code, reason, _) = client.until_close().await;
     assert_eq!(code, 4002, "{reason}");
 }
+
+#[tokio::test]
+async fn a_refused_upgrade_answers_the_error_body_both_services_share() {
+    let app = spawn_app().await;
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/ws/messages", app.addr))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Authorization", "bearer not-a-jwt")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: shared::errors::ErrorBody = response.json().await.expect("the shared error body");
+    assert_eq!(body.error.code, "unauthorized");
+    assert_eq!(body.error.message, "invalid token", "the lower-case scheme was read, the token refused");
+}

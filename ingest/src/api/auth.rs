@@ -37,36 +37,11 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token)
+            .and_then(shared::errors::bearer_token)
             .ok_or(ApiError::Unauthorized)?;
         state.jwt.verify(token).map(Caller).map_err(|e| {
             tracing::debug!(error = %e, "refusing a REST token");
             ApiError::Unauthorized
         })
-    }
-}
-
-/// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive).
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bearer_scheme_is_read_in_any_case() {
-        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
-        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
-    }
-
-    #[test]
-    fn other_schemes_and_empty_tokens_are_refused() {
-        assert_eq!(bearer_token("Basic abc"), None);
-        assert_eq!(bearer_token("Bearer "), None);
-        assert_eq!(bearer_token("abc"), None);
     }
 }

@@ -22,9 +22,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::{HeaderValue, Method, header};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -73,20 +72,8 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
-/// The error body every failing call answers with.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, for programs: `unauthorized`, `not_found`, `bad_request`,
-    /// `payload_too_large`, `unavailable`, `internal`.
-    pub code: String,
-    /// For people; may change.
-    pub message: String,
-}
+/// The error body every failing call of both services answers with.
+pub use shared::errors::{ErrorBody, ErrorDetail};
 
 #[cfg(test)]
 mod tests {
