@@ -4,6 +4,11 @@
 //! - `webhooks`: realistic Unipile webhooks at a target rate against ingest, open loop
 //!   (the schedule never waits for slow answers); reports achieved rate, status counts
 //!   and ack latency percentiles.
+//! - `poison`: clean webhooks at a target rate with a share of poisoned ones (U+0000 in
+//!   text and names, a 3,000-byte message id, ~900 KB message and edit) while WebSocket
+//!   clients on fanout record every event; reports answers by kind, clean messages lost
+//!   or duplicated, end-to-end latency and ingest's outbox publish lag, and fails if a
+//!   clean delivery was refused, lost or duplicated.
 //! - `simulate`: believable demo traffic for the live inbox page, about one delivery a
 //!   second, until `--duration` or Ctrl-C.
 //! - `idle`: many idle WebSocket connections to one fanout replica, spread over several
@@ -20,6 +25,7 @@
 pub mod broadcast;
 pub mod floor;
 pub mod idle;
+pub mod poison;
 pub mod publish;
 pub mod report;
 pub mod resume;
@@ -53,6 +59,9 @@ pub enum Command {
     Floor(floor::Args),
     /// Post realistic message_received webhooks to ingest at a fixed rate.
     Webhooks(webhooks::Args),
+    /// Clean webhooks with a share of poisoned ones, checked end to end through fanout:
+    /// fails if a clean one is refused, lost or duplicated.
+    Poison(poison::Args),
     /// Believable inbox traffic (several accounts and providers, replies, reactions,
     /// edits, deletions) at a gentle rate, until --duration or Ctrl-C.
     Simulate(simulate::Args),
@@ -66,6 +75,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume(args) => resume::run(args).await,
         Command::Floor(args) => tokio::task::spawn_blocking(move || floor::run(args)).await?,
         Command::Webhooks(args) => webhooks::run(args).await,
+        Command::Poison(args) => poison::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
     }
 }

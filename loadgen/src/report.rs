@@ -37,6 +37,88 @@ pub fn percentiles(h: &Histogram<u64>) -> String {
     )
 }
 
+/// Fetches a Prometheus text page (`/metrics`); `None` if it cannot be read.
+pub async fn scrape(url: &str) -> Option<String> {
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().ok()?;
+    client.get(url).send().await.ok()?.error_for_status().ok()?.text().await.ok()
+}
+
+/// One sample of a metric in a Prometheus text page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample<'a> {
+    pub labels: Vec<(&'a str, &'a str)>,
+    pub value: f64,
+}
+
+impl<'a> Sample<'a> {
+    pub fn label(&self, name: &str) -> Option<&'a str> {
+        self.labels.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    }
+}
+
+/// The samples of `metric` (exactly that name) in a Prometheus text page. Label values
+/// are taken as written (escapes are not undone).
+pub fn samples<'a>(page: &'a str, metric: &str) -> Vec<Sample<'a>> {
+    page.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(metric)?;
+            let (mut labels_text, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once('}')?,
+                None if rest.starts_with(' ') => ("", rest),
+                None => return None,
+            };
+            let mut labels = Vec::new();
+            while let Some((key, rest)) = labels_text.split_once("=\"") {
+                let (value, rest) = rest.split_once('"')?;
+                labels.push((key.trim_start_matches(',').trim(), value));
+                labels_text = rest;
+            }
+            Some(Sample { labels, value: value.split_whitespace().next()?.parse().ok()? })
+        })
+        .collect()
+}
+
+/// A histogram's cumulative bucket counts by upper bound (`le`), from a Prometheus page.
+pub fn buckets(page: &str, histogram: &str) -> Vec<(f64, f64)> {
+    let mut buckets: Vec<(f64, f64)> = samples(page, &format!("{histogram}_bucket"))
+        .iter()
+        .filter_map(|s| Some((s.label("le")?.parse().ok()?, s.value)))
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The `q` quantile of what a histogram counted between two scrapes, from their
+/// cumulative buckets, interpolated inside its bucket as Prometheus'
+/// `histogram_quantile` does. Returns the estimate and the bucket's upper bound;
+/// `None` if nothing was counted in between.
+pub fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<(f64, f64)> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let earlier = before.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, n)| *n);
+            (le, n - earlier)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(le, count) in &delta {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some((lower, le));
+            }
+            let share = if count > below { (rank - below) / (count - below) } else { 1.0 };
+            return Some((lower + (le - lower) * share, le));
+        }
+        (lower, below) = (le, count);
+    }
+    None
+}
+
 /// CPU time a process has used so far, user and system, from `/proc/<pid>/stat`
 /// (`self` for this process).
 #[derive(Debug, Clone, Copy, Default)]
@@ -90,6 +172,43 @@ mod tests {
             later.per_item_since(cpu, 1000, "frame"),
             "2000.0 µs of CPU per frame (user 1000.0, system 1000.0)"
         );
+    }
+
+    #[test]
+    fn samples_are_read_with_their_labels() {
+        let page = "# TYPE x_total counter\n\
+                    x_total{outcome=\"memory\",replica=\"a\"} 12\n\
+                    x_total_more 5\n\
+                    x_total 3\n";
+        let found = samples(page, "x_total");
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].label("outcome"), Some("memory"));
+        assert_eq!(found[0].label("replica"), Some("a"));
+        assert_eq!(found[0].value, 12.0);
+        assert_eq!(found[1], Sample { labels: vec![], value: 3.0 });
+    }
+
+    #[test]
+    fn a_quantile_comes_from_the_bucket_deltas_between_two_scrapes() {
+        let page = |a: u32, b: u32, c: u32| {
+            format!(
+                "lag_seconds_bucket{{le=\"0.01\"}} {a}\nlag_seconds_bucket{{le=\"0.1\"}} {b}\n\
+                 lag_seconds_bucket{{le=\"+Inf\"}} {c}\nlag_seconds_sum 1\nlag_seconds_count {c}\n"
+            )
+        };
+        let before = buckets(&page(1000, 1000, 1000), "lag_seconds");
+        assert_eq!(before, vec![(0.01, 1000.0), (0.1, 1000.0), (f64::INFINITY, 1000.0)]);
+        // 100 new samples: 50 under 10 ms, 50 between 10 and 100 ms.
+        let after = buckets(&page(1050, 1100, 1100), "lag_seconds");
+        let (p99, bucket) = quantile_between(&before, &after, 0.99).unwrap();
+        assert!((p99 - 0.0982).abs() < 1e-9, "{p99}");
+        assert_eq!(bucket, 0.1);
+        let (p50, _) = quantile_between(&before, &after, 0.5).unwrap();
+        assert!((p50 - 0.01).abs() < 1e-9, "{p50}");
+        assert_eq!(quantile_between(&after, &after, 0.99), None);
+        // Past the last finite bucket: its bound, as Prometheus answers.
+        let slow = buckets(&page(1050, 1050, 1100), "lag_seconds");
+        assert_eq!(quantile_between(&before, &slow, 0.99), Some((0.1, f64::INFINITY)));
     }
 
     #[test]

@@ -240,17 +240,13 @@ fn seq_of(text: &str) -> Option<u64> {
 
 /// `fanout_resumes_total` by outcome, from a Prometheus text page.
 async fn resume_outcomes(url: &str) -> Option<BTreeMap<String, f64>> {
-    let body = reqwest::get(url).await.ok()?.error_for_status().ok()?.text().await.ok()?;
-    Some(parse_resume_outcomes(&body))
+    Some(parse_resume_outcomes(&report::scrape(url).await?))
 }
 
 fn parse_resume_outcomes(body: &str) -> BTreeMap<String, f64> {
-    body.lines()
-        .filter_map(|line| line.strip_prefix("fanout_resumes_total{outcome=\""))
-        .filter_map(|rest| {
-            let (outcome, value) = rest.split_once("\"}")?;
-            Some((outcome.to_owned(), value.trim().parse().ok()?))
-        })
+    report::samples(body, "fanout_resumes_total")
+        .iter()
+        .filter_map(|s| Some((s.label("outcome")?.to_owned(), s.value)))
         .collect()
 }
 
