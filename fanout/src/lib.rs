@@ -6,8 +6,8 @@
 //! turns each message into an [`event::Event`] (the bytes stamped with `seq` once) and
 //! hands it to the [`hub`], which offers the same bytes to every connection allowed to
 //! see them through bounded queues. [`ws`] serves `GET /ws/messages`, [`resume`] makes
-//! reconnects gap-free from JetStream or the hub's window, [`health`] answers probes
-//! and `/metrics`.
+//! reconnects gap-free from the hub's window or the [`history`] it reads from
+//! JetStream, [`health`] answers probes and `/metrics`.
 //!
 //! Run it: `JWT_SECRET=... NATS_URL=nats://127.0.0.1:4222 fanout` (see `fanout --help`).
 
@@ -16,7 +16,9 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod follower;
+pub mod frames;
 pub mod health;
+pub mod history;
 pub mod hub;
 pub mod metrics;
 pub mod page;

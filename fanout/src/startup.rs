@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::follower::{Follower, FollowerStatus};
+use crate::history::History;
 use crate::hub::Hub;
-use crate::resume::History;
 use crate::state::{AppState, ConnectionContext, Limits, Slots};
 use crate::{health, page, ws};
 

@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::follower::FollowerStatus;
+use crate::history::History;
 use crate::hub::Hub;
-use crate::resume::History;
 
 #[derive(Clone)]
 pub struct AppState {

@@ -27,12 +27,12 @@ use axum::response::Response;
 use axum::routing::get;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use serde_json::json;
 use shared::claims::Claims;
 use tokio::time::Instant;
 
 use crate::auth;
 use crate::error::ApiError;
+use crate::frames::{ClientFrame, ServerFrame};
 use crate::hub::{ConnShared, Kick, Registration, Scope, SharedEvent};
 use crate::metrics;
 use crate::state::{AppState, ConnectionContext};
@@ -131,14 +131,6 @@ pub enum End {
     Gone(&'static str),
 }
 
-/// Client messages the server understands.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ClientFrame {
-    Ping,
-    Subscribe { chat_ids: Vec<String> },
-}
-
 /// One WebSocket connection after the upgrade.
 pub struct Connection {
     /// Shared by every connection: one pointer each.
@@ -203,7 +195,7 @@ impl Connection {
         let caught_up = match since {
             None => {
                 self.covered = head;
-                Box::pin(self.send_json(hello(head, self.ctx.limits.heartbeat, None))).await
+                Box::pin(self.send_frame(&ServerFrame::hello(head, self.ctx.limits.heartbeat, None))).await
             }
             // Boxed: the resume future is large and only lives during catch-up.
             Some(since) => Box::pin(self.resume(since, head, backlog, &mut rx)).await,
@@ -264,8 +256,8 @@ impl Connection {
         }
     }
 
-    pub(crate) async fn send_json(&mut self, value: serde_json::Value) -> Result<(), End> {
-        let write = self.socket.send(Message::Text(Utf8Bytes::from(value.to_string())));
+    pub(crate) async fn send_frame(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        let write = self.socket.send(Message::Text(Utf8Bytes::from(frame.to_text())));
         guarded_with(self.ctx.limits.write_timeout, &self.shared, &self.ctx.shutdown, write).await
     }
 
@@ -323,7 +315,7 @@ impl Connection {
                     return self.reject("too_large", "message over the size limit").await;
                 }
                 match serde_json::from_str::<ClientFrame>(text.as_str()) {
-                    Ok(ClientFrame::Ping) => self.send_json(json!({"type": "pong"})).await,
+                    Ok(ClientFrame::Ping) => self.send_frame(&ServerFrame::Pong).await,
                     Ok(ClientFrame::Subscribe { chat_ids }) => self.subscribe(chat_ids).await,
                     Err(_) => {
                         let kind = serde_json::from_str::<serde_json::Value>(text.as_str())
@@ -351,9 +343,8 @@ impl Connection {
         if chat_ids.len() > MAX_SUBSCRIBED_CHATS {
             return self.reject("too_many_chats", "at most 1000 chats per subscribe").await;
         }
-        let ack = json!({"type": "subscribed", "chat_ids": chat_ids});
-        self.chats = (!chat_ids.is_empty()).then(|| chat_ids.into_iter().collect());
-        self.send_json(ack).await
+        self.chats = (!chat_ids.is_empty()).then(|| chat_ids.iter().cloned().collect());
+        self.send_frame(&ServerFrame::Subscribed { chat_ids }).await
     }
 
     async fn reject(&mut self, code: &'static str, message: &'static str) -> Result<(), End> {
@@ -361,7 +352,7 @@ impl Connection {
         if self.invalid_messages > MAX_INVALID_MESSAGES {
             return Err(End::Close(Close::POLICY));
         }
-        self.send_json(json!({"type": "error", "code": code, "message": message})).await
+        self.send_frame(&ServerFrame::error(code, message)).await
     }
 }
 
@@ -384,18 +375,4 @@ pub(crate) async fn guarded_with<T>(
         kick = shared.kicked() => Err(End::Close(kick.into())),
         _ = shutdown.cancelled() => Err(End::Close(Close::SHUTDOWN)),
     }
-}
-
-/// The first frame of every connection.
-pub(crate) fn hello(head: u64, heartbeat: Duration, recovered: Option<bool>) -> serde_json::Value {
-    let mut hello = json!({
-        "type": "hello",
-        "connection_id": uuid::Uuid::new_v4().to_string(),
-        "seq": head,
-        "heartbeat_s": heartbeat.as_secs(),
-    });
-    if let Some(recovered) = recovered {
-        hello["recovered"] = json!(recovered);
-    }
-    hello
 }

@@ -1,5 +1,6 @@
 //! What a connected client receives, and the small client protocol.
 
+use fanout::frames::ServerFrame;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -45,7 +46,7 @@ async fn a_client_sees_only_its_accounts_and_the_wildcard_sees_all() {
     // Events arrive in stream order, so an A client's first event being A's means it
     // never got B's, which came before.
     assert_eq!(only_a.seqs(1).await, vec![a]);
-    assert_eq!(only_a.ping().await["type"], "pong", "nothing else queued for A");
+    assert_eq!(only_a.ping().await, ServerFrame::Pong, "nothing else queued for A");
     assert_eq!(a_and_c.seqs(2).await, vec![a, c]);
     assert_eq!(all.seqs(3).await, vec![b, a, c]);
 }
@@ -54,7 +55,7 @@ async fn a_client_sees_only_its_accounts_and_the_wildcard_sees_all() {
 async fn ping_gets_pong() {
     let app = spawn_app().await;
     let (mut client, _) = app.connect_hello(&token(&["*"]), None).await;
-    assert_eq!(client.ping().await, json!({"type": "pong"}));
+    assert_eq!(client.ping().await, ServerFrame::Pong);
 }
 
 #[tokio::test]
@@ -91,7 +92,7 @@ async fn unknown_and_malformed_messages_get_an_error_frame_and_the_socket_stays_
     );
     client.send(Message::text(format!("{{\"type\":\"ping\",\"pad\":\"{}\"}}", "x".repeat(5000)))).await;
     assert_eq!(client.json().await["code"], "too_large");
-    assert_eq!(client.ping().await["type"], "pong", "still open and working");
+    assert_eq!(client.ping().await, ServerFrame::Pong, "still open and working");
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use fanout::frames::ServerFrame;
 use fanout::{Application, Config};
 use futures::{SinkExt, StreamExt};
 use secrecy::SecretString;
@@ -314,8 +315,15 @@ impl WsClient {
 
     pub async fn hello(&mut self) -> Value {
         let hello = self.json().await;
-        assert_eq!(hello["type"], "hello", "first frame is hello: {hello}");
+        let frame: ServerFrame = serde_json::from_value(hello.clone()).expect("a server frame");
+        assert!(matches!(frame, ServerFrame::Hello { .. }), "first frame is hello: {hello}");
         hello
+    }
+
+    /// The next frame that is not an event, as the server's own type.
+    pub async fn server_frame(&mut self) -> ServerFrame {
+        let value = self.json().await;
+        serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("not a server frame ({e}): {value}"))
     }
 
     /// The next event; panics on anything else.
@@ -358,9 +366,9 @@ impl WsClient {
     }
 
     /// Asks for a pong: once it arrives, every event dispatched before has arrived too.
-    pub async fn ping(&mut self) -> Value {
+    pub async fn ping(&mut self) -> ServerFrame {
         self.send_json(json!({"type": "ping"})).await;
-        self.json().await
+        self.server_frame().await
     }
 }
 

@@ -1,6 +1,7 @@
 //! `?since=` gives exactly the missed events, then live, on any replica.
 
-use fanout::resume::CHUNK;
+use fanout::frames::ServerFrame;
+use fanout::history::CHUNK;
 use serde_json::json;
 
 use tokio::net::TcpSocket;
@@ -123,7 +124,7 @@ async fn a_multi_account_resume_from_jetstream_filters_to_the_tokens_accounts() 
     let (mut client, hello) = app.connect_hello(&token(&["acc_a", "acc_c"]), Some(since)).await;
     assert_eq!(hello["recovered"], true);
     assert_eq!(client.seqs(expected.len()).await, expected);
-    assert_eq!(client.ping().await["type"], "pong", "nothing more than the missed events");
+    assert_eq!(client.ping().await, ServerFrame::Pong, "nothing more than the missed events");
 }
 
 #[tokio::test]
@@ -197,7 +198,7 @@ async fn reconnect_storm(replay_window: usize) {
     let live = app.events.publish("acc_a", Some("c"), json!({})).await;
     for (i, client) in clients.iter_mut().enumerate() {
         if i == 1 {
-            assert_eq!(client.ping().await["type"], "pong", "acc_b saw nothing more");
+            assert_eq!(client.ping().await, ServerFrame::Pong, "acc_b saw nothing more");
         } else {
             assert_eq!(client.seqs(1).await, vec![live], "live right after the history");
         }
@@ -215,7 +216,7 @@ async fn a_chunk_too_big_to_keep_is_streamed_by_each_client_in_order() {
         let (mut client, hello) = app.connect_hello(&token(&["acc_a"]), Some(since)).await;
         assert_eq!(hello["recovered"], true, "{hello}");
         assert_eq!(client.seqs(missed.len()).await, missed);
-        assert_eq!(client.ping().await["type"], "pong", "nothing more");
+        assert_eq!(client.ping().await, ServerFrame::Pong, "nothing more");
     }
     let read = app.counter(r#"fanout_history_chunks_read_total{outcome="too_big"}"#).await;
     assert_eq!(read, 1, "found too big once, then not read again");
