@@ -285,6 +285,9 @@ mod rolling_restart {
         let _guard = StreamGuard::new(nats_url(), stream.as_str());
         let subjects = Subjects::new(prefix.clone()).unwrap();
         let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+        // Created as ingest creates it: fanout only follows it.
+        let spec = shared::stream::StreamSpec::with_defaults(stream.clone(), subjects.clone());
+        shared::stream::ensure_stream(&js, &spec).await.expect("creating the stream");
         let publish = |i: u64| {
             let (js, subject) = (js.clone(), subjects.event("acc_a", Some("c"), EventType::MessageNew));
             async move {

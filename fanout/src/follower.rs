@@ -49,22 +49,10 @@ impl FollowerStatus {
     }
 }
 
-/// Creates the stream when it is missing (subjects `{prefix}.>`, file storage, limits
-/// retention) and otherwise uses it as it is.
-pub async fn ensure_stream(
-    js: &jetstream::Context,
-    name: &str,
-    subjects: &Subjects,
-) -> anyhow::Result<stream::Stream> {
-    js.get_or_create_stream(stream::Config {
-        name: name.to_owned(),
-        subjects: vec![subjects.all()],
-        storage: stream::StorageType::File,
-        retention: stream::RetentionPolicy::Limits,
-        ..Default::default()
-    })
-    .await
-    .with_context(|| format!("getting or creating stream {name}"))
+/// The stream to follow. fanout never creates it: ingest owns it and its settings
+/// ([`shared::stream`]); until ingest has created it, fanout is not ready and retries.
+pub async fn find_stream(js: &jetstream::Context, name: &str) -> anyhow::Result<stream::Stream> {
+    js.get_stream(name).await.with_context(|| format!("stream {name} not found: ingest creates it"))
 }
 
 /// Where the follower stands in which stream.
@@ -131,7 +119,7 @@ impl Follower {
 
     #[tracing::instrument(skip_all, fields(stream = %self.stream_name))]
     async fn follow_once(&self, position: &mut Option<Position>) -> anyhow::Result<Ended> {
-        let mut stream = ensure_stream(&self.js, &self.stream_name, &self.subjects).await?;
+        let mut stream = find_stream(&self.js, &self.stream_name).await?;
         let info = stream.info().await.context("reading stream info")?.clone();
         let created = info.created.unix_timestamp_nanos();
         let pos = match *position {

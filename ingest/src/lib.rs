@@ -17,7 +17,6 @@ pub mod db;
 pub mod error;
 pub mod health;
 pub mod inbound;
-pub mod jetstream;
 pub mod outbox;
 pub mod sanitize;
 pub mod startup;

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::OutboxArgs;
-use crate::jetstream::{StreamSpec, ensure_stream};
+use shared::stream::{StreamSpec, ensure_stream};
 
 /// Advisory lock key that makes one replica at a time publish ("outbox" in ASCII).
 const PUBLISH_LOCK: i64 = 0x6f7574626f78;

@@ -18,11 +18,11 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::ServeConfig;
-use crate::jetstream::StreamSpec;
 use crate::outbox::{Relay, Sizer};
 use crate::state::AppState;
 use crate::store::Batcher;
 use crate::{api, health, inbound};
+use shared::stream::StreamSpec;
 
 pub struct Application {
     listener: TcpListener,

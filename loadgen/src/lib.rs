@@ -65,6 +65,9 @@ pub enum Command {
     /// Believable inbox traffic (several accounts and providers, replies, reactions,
     /// edits, deletions) at a gentle rate, until --duration or Ctrl-C.
     Simulate(simulate::Args),
+    /// Create the relay's stream as ingest would, if it is missing: for benchmarks of
+    /// fanout alone (fanout never creates the stream; it waits for it).
+    Stream(publish::StreamArgs),
 }
 
 /// Runs the chosen mode to its end.
@@ -77,5 +80,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::Poison(args) => poison::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
+        Command::Stream(args) => publish::create_stream(args).await,
     }
 }

@@ -6,6 +6,7 @@ use async_nats::jetstream;
 use async_nats::jetstream::context::PublishAckFuture;
 use serde_json::Value;
 use shared::envelope::{Envelope, EventType};
+use shared::stream::{StreamSpec, create_if_missing};
 use shared::subjects::Subjects;
 
 /// The chat of every event loadgen publishes; clients recognise them by it.
@@ -20,12 +21,40 @@ pub struct PublishArgs {
     /// Subject prefix of the relay (events go to `{prefix}.{account}.{chat}.{type}`).
     #[arg(long, env = "SUBJECT_PREFIX", default_value = "relay.events")]
     pub subject_prefix: String,
+    /// The relay's stream. Created as ingest would if it is missing (fanout never
+    /// creates it); an existing one is used as it is.
+    #[arg(long, env = "STREAM_NAME", default_value = "RELAY_EVENTS")]
+    pub stream_name: String,
     /// Account the published events belong to.
     #[arg(long, default_value = "acc_loadgen")]
     pub account: String,
     /// Padding added to each event's data, in bytes.
     #[arg(long, default_value_t = 200)]
     pub payload_bytes: usize,
+}
+
+/// `loadgen stream`: which stream to create.
+#[derive(Debug, clap::Args)]
+pub struct StreamArgs {
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(long, env = "SUBJECT_PREFIX", default_value = "relay.events")]
+    pub subject_prefix: String,
+    #[arg(long, env = "STREAM_NAME", default_value = "RELAY_EVENTS")]
+    pub stream_name: String,
+}
+
+/// Creates the relay's stream as ingest would, if it is missing.
+pub async fn create_stream(args: StreamArgs) -> anyhow::Result<()> {
+    let subjects = Subjects::new(args.subject_prefix.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    nats_is_loopback(&args.nats_url).await?;
+    let client = async_nats::connect(args.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
+    let spec = StreamSpec::with_defaults(args.stream_name.clone(), subjects);
+    create_if_missing(&jetstream::new(client), &spec).await?;
+    println!("stream {} captures {}", args.stream_name, spec.subjects.all());
+    Ok(())
 }
 
 /// A connection to NATS that publishes `message:new` events of [`CHAT`].
@@ -45,8 +74,11 @@ impl Publisher {
         let client = async_nats::connect(args.nats_url.as_str())
             .await
             .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
+        let js = jetstream::new(client.clone());
+        let spec = StreamSpec::with_defaults(args.stream_name.clone(), subjects.clone());
+        create_if_missing(&js, &spec).await.context("creating the relay's stream")?;
         Ok(Self {
-            js: jetstream::new(client.clone()),
+            js,
             client,
             subject: subjects.event(&args.account, Some(CHAT), EventType::MessageNew),
             account: args.account.clone(),

@@ -4,6 +4,7 @@
 use fanout::config::{Cli, Command};
 use serde_json::json;
 use shared::envelope::{Envelope, EventType};
+use shared::stream::{StreamSpec, ensure_stream};
 use shared::subjects::Subjects;
 use testkit::{StreamGuard, nats_url};
 use tokio::sync::oneshot;
@@ -41,10 +42,11 @@ async fn start_fanout(stream: &str, prefix: &str, window: usize) -> (u16, onesho
     panic!("fanout did not become ready");
 }
 
-async fn loadgen(port: u16, prefix: &str, extra: &[&str]) -> String {
+async fn loadgen(port: u16, stream: &str, prefix: &str, extra: &[&str]) -> String {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["resume", "--url", &format!("ws://127.0.0.1:{port}/ws/messages")])
         .args(["--jwt-secret", SECRET, "--nats-url", &nats_url(), "--subject-prefix", prefix])
+        .args(["--stream-name", stream])
         .args(extra)
         .output()
         .await
@@ -54,17 +56,21 @@ async fn loadgen(port: u16, prefix: &str, extra: &[&str]) -> String {
     stdout
 }
 
-/// A fresh stream and subject prefix, deleted when the guard drops.
-fn test_stream() -> (String, String, StreamGuard) {
+/// A fresh stream (created as ingest would) and subject prefix, deleted when the guard
+/// drops.
+async fn test_stream() -> (String, String, StreamGuard) {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (stream, prefix) = (format!("LOADGEN_TEST_{id}"), format!("loadgentest.{id}"));
     let guard = StreamGuard::new(nats_url(), stream.as_str());
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let spec = StreamSpec::with_defaults(stream.clone(), Subjects::new(prefix.clone()).unwrap());
+    ensure_stream(&js, &spec).await.expect("creating the stream");
     (stream, prefix, guard)
 }
 
 /// `loadgen resume --publish-only`: publishes `missed` events, returns the `--since` it prints.
-async fn publish_only(port: u16, prefix: &str, missed: u64) -> u64 {
-    let out = loadgen(port, prefix, &["--publish-only", "--missed", &missed.to_string()]).await;
+async fn publish_only(port: u16, stream: &str, prefix: &str, missed: u64) -> u64 {
+    let out = loadgen(port, stream, prefix, &["--publish-only", "--missed", &missed.to_string()]).await;
     out.split("--since ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
@@ -74,16 +80,16 @@ async fn publish_only(port: u16, prefix: &str, missed: u64) -> u64 {
 
 #[tokio::test]
 async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_from_memory() {
-    let (stream, prefix, _guard) = test_stream();
-    // The replica that creates the stream, then stops before the events.
+    let (stream, prefix, _guard) = test_stream().await;
+    // A replica that stops before the events.
     let (port, stop) = start_fanout(&stream, &prefix, 0).await;
-    let since = publish_only(port, &prefix, 7).await.to_string();
+    let since = publish_only(port, &stream, &prefix, 7).await.to_string();
     drop(stop);
 
     // With a window, a replica started now holds the events in memory...
     let (port, _stop) = start_fanout(&stream, &prefix, 100).await;
     let storm = ["--since", &since, "--missed", "7", "--connections", "30"];
-    let out = loadgen(port, &prefix, &storm).await;
+    let out = loadgen(port, &stream, &prefix, &storm).await;
     assert!(out.contains("30 of 30 clients caught up on 7 missed events"), "{out}");
     assert!(out.contains("hello.recovered: 30 true, 0 false"), "{out}");
     assert!(out.contains("exactly the missed events in order: yes"), "{out}");
@@ -91,7 +97,7 @@ async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_fro
 
     // ...and without one, every client reads JetStream, with the same result.
     let (port, _stop) = start_fanout(&stream, &prefix, 0).await;
-    let out = loadgen(port, &prefix, &storm).await;
+    let out = loadgen(port, &stream, &prefix, &storm).await;
     assert!(out.contains("30 of 30 clients caught up on 7 missed events"), "{out}");
     assert!(out.contains("exactly the missed events in order: yes"), "{out}");
     assert!(out.contains(r#"{"stream": 30.0}"#), "{out}");
@@ -99,9 +105,9 @@ async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_fro
 
 #[tokio::test]
 async fn clients_that_did_not_get_exactly_the_expected_events_are_reported() {
-    let (stream, prefix, _guard) = test_stream();
+    let (stream, prefix, _guard) = test_stream().await;
     let (port, _stop) = start_fanout(&stream, &prefix, 100).await;
-    let since = publish_only(port, &prefix, 2).await;
+    let since = publish_only(port, &stream, &prefix, 2).await;
     // An event of another chat right after them: a run told to expect three loadgen
     // events after `since` gets two, then this one.
     let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
@@ -118,7 +124,12 @@ async fn clients_that_did_not_get_exactly_the_expected_events_are_reported() {
         json!({}),
     );
     js.publish(subject, envelope.to_bytes().into()).await.unwrap().await.unwrap();
-    let out =
-        loadgen(port, &prefix, &["--since", &since.to_string(), "--missed", "3", "--connections", "5"]).await;
+    let out = loadgen(
+        port,
+        &stream,
+        &prefix,
+        &["--since", &since.to_string(), "--missed", "3", "--connections", "5"],
+    )
+    .await;
     assert!(out.contains("exactly the missed events in order: NO (5 clients)"), "{out}");
 }

@@ -14,5 +14,6 @@ pub mod config;
 pub mod envelope;
 pub mod errors;
 pub mod http;
+pub mod stream;
 pub mod subjects;
 pub mod telemetry;

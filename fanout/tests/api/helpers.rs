@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use shared::claims::{Claims, JwtKeys};
 use shared::config::{LogFormat, NatsArgs, TelemetryArgs};
 use shared::envelope::{Envelope, EventType};
+use shared::stream::{StreamSpec, ensure_stream};
 use shared::subjects::Subjects;
 use testkit::StreamGuard;
 pub use testkit::nats_url;
@@ -58,12 +59,13 @@ impl Events {
             .await
             .unwrap_or_else(|e| panic!("cannot reach NATS at {url} (set NATS_URL): {e}"));
         let stream_name = format!("FANOUT_TEST_{id}");
-        Self {
-            js: jetstream::new(client),
-            stream_name: stream_name.clone(),
-            subjects: Subjects::new(format!("fanouttest.{id}")).unwrap(),
-            _guard: Arc::new(StreamGuard::new(url, stream_name)),
-        }
+        let subjects = Subjects::new(format!("fanouttest.{id}")).unwrap();
+        let js = jetstream::new(client);
+        let guard = Arc::new(StreamGuard::new(url, stream_name.clone()));
+        // Created as ingest creates it: fanout only follows it.
+        let spec = StreamSpec::with_defaults(stream_name.clone(), subjects.clone());
+        ensure_stream(&js, &spec).await.expect("creating the test's stream");
+        Self { js, stream_name, subjects, _guard: guard }
     }
 
     /// Publishes one event as ingest would and returns its stream sequence.

@@ -1,6 +1,10 @@
 //! Probes, metrics, limits and shutdown.
 
+use std::time::Duration;
+
+use fanout::Application;
 use serde_json::json;
+use shared::stream::{StreamSpec, ensure_stream};
 
 use crate::helpers::{
     Events, Frame, SECRET, config, nats_url, spawn, spawn_app, spawn_app_with, token, wait_until,
@@ -88,10 +92,35 @@ async fn the_binary_raises_a_low_soft_open_file_limit_and_sizes_its_connection_l
 async fn events_read_to_fill_the_window_at_start_do_not_count_as_events_in() {
     let url = nats_url();
     let events = Events::new(&url).await;
-    fanout::follower::ensure_stream(&events.js, &events.stream_name, &events.subjects).await.unwrap();
     events.publish_many(5, |_| json!({})).await;
     let app = spawn(config(&url, &events), events).await;
     assert_eq!(app.counter("fanout_events_in_total").await, 0, "5 events filled the window");
     app.events.publish("acc_a", Some("c"), json!({})).await;
     wait_until("the live event counts", || async { app.counter("fanout_events_in_total").await == 1 }).await;
+}
+
+#[tokio::test]
+async fn fanout_started_before_the_stream_exists_waits_for_ingest_to_create_it() {
+    let url = nats_url();
+    let events = Events::new(&url).await;
+    events.js.delete_stream(&events.stream_name).await.expect("start with no stream");
+    let app = Application::build(config(&url, &events)).await.expect("building the app");
+    let addr = format!("http://127.0.0.1:{}/readyz", app.port());
+    let server = tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let readyz = || async { reqwest::get(&addr).await.map(|r| r.status().as_u16()).unwrap_or(0) };
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(readyz().await, 503, "not ready without the stream");
+    assert!(events.js.get_stream(&events.stream_name).await.is_err(), "fanout did not create the stream");
+
+    // ingest creates it, with its own settings.
+    let spec = StreamSpec {
+        duplicate_window: Duration::from_secs(42),
+        ..StreamSpec::with_defaults(events.stream_name.clone(), events.subjects.clone())
+    };
+    ensure_stream(&events.js, &spec).await.unwrap();
+    wait_until("ready once the stream exists", || async { readyz().await == 200 }).await;
+    let mut stream = events.stream().await;
+    assert_eq!(stream.info().await.unwrap().config.duplicate_window, Duration::from_secs(42));
+    server.abort();
 }

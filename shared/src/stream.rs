@@ -1,10 +1,15 @@
-//! The JetStream stream every event goes to: created or brought up to date at start-up.
+//! The JetStream stream every event goes to, and its settings: part of the contract.
+//!
+//! One owner creates it and keeps its settings: ingest, at start-up and whenever its
+//! relay finds it gone. fanout only reads it, and waits (not ready) while it does not
+//! exist, so it can never create the stream with other settings by starting first.
+//! Tools that stand in for ingest (loadgen's publishers, tests) create it the same way.
 
 use std::time::Duration;
 
+use crate::subjects::Subjects;
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
-use shared::subjects::Subjects;
 
 /// What the stream should look like.
 #[derive(Debug, Clone)]
@@ -15,6 +20,23 @@ pub struct StreamSpec {
     pub max_age: Duration,
     /// Republishes of an event id within this window are dropped by JetStream.
     pub duplicate_window: Duration,
+}
+
+/// How long the stream keeps events by default: how far back a client can resume.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// JetStream's duplicate window by default.
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
+
+impl StreamSpec {
+    /// The stream `name` capturing `subjects`, with the default retention and window.
+    pub fn with_defaults(name: impl Into<String>, subjects: Subjects) -> Self {
+        Self {
+            name: name.into(),
+            subjects,
+            max_age: DEFAULT_MAX_AGE,
+            duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+        }
+    }
 }
 
 impl StreamSpec {
@@ -58,4 +80,13 @@ pub async fn ensure_stream(js: &jetstream::Context, spec: &StreamSpec) -> anyhow
         },
     }
     Ok(())
+}
+
+/// For tools that stand in for ingest (loadgen, tests): creates the stream as ingest
+/// would when it is missing, and leaves an existing one as its owner set it.
+pub async fn create_if_missing(js: &jetstream::Context, spec: &StreamSpec) -> anyhow::Result<()> {
+    if js.get_stream(&spec.name).await.is_ok() {
+        return Ok(());
+    }
+    ensure_stream(js, spec).await
 }
