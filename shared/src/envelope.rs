@@ -91,14 +91,15 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// A new event with a fresh time-ordered id.
+    /// A new event with a fresh time-ordered id; `data` is the event type's payload.
     pub fn new(
         event_type: EventType,
         account_id: impl Into<String>,
         chat_id: Option<String>,
         occurred_at: DateTime<Utc>,
-        data: Value,
+        data: impl Serialize,
     ) -> Self {
+        let data = serde_json::to_value(data).expect("event data serializes to JSON");
         Self {
             event_type,
             id: Uuid::now_v7(),

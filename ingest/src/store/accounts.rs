@@ -7,12 +7,11 @@
 use crate::unipile::payload::AccountStatusDelivery;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::json;
 use shared::envelope::{Envelope, EventType, millis};
 use sqlx::{Postgres, Transaction};
 use utoipa::ToSchema;
 
-use super::{Outcome, Written};
+use super::{Outcome, Written, events};
 
 /// One account's new status.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,7 +84,7 @@ pub async fn apply(
                     account.id.clone(),
                     None,
                     change.at,
-                    json!({ "account": account }),
+                    events::AccountStatus { account },
                 )],
             },
             None => Written { outcome: Outcome::Duplicate, events: Vec::new() },

@@ -4,12 +4,11 @@
 //! other tabs. A chat that has nothing unread changes nothing (`duplicate`, no event).
 
 use chrono::Utc;
-use serde_json::json;
 use shared::envelope::{Envelope, EventType};
 use sqlx::{Postgres, Transaction};
 
 use super::views::{CHAT_COLUMNS, ChatRecord};
-use super::{Outcome, Written};
+use super::{Outcome, Written, events};
 
 /// A chat to mark read (its scope is checked by the caller).
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +48,6 @@ pub fn chat_read(chat: ChatRecord) -> Envelope {
         chat.account_id.clone(),
         Some(chat.id.clone()),
         Utc::now(),
-        json!({ "chat": chat }),
+        events::ChatRead { chat },
     )
 }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use shared::envelope::{ChatView, Envelope, EventType, MessageView, SenderView};
 use sqlx::{Postgres, Transaction};
 
-use super::{Outcome, Written};
+use super::{Outcome, Written, events};
 
 /// How long a chat's last-message preview may be, in characters.
 pub(crate) const PREVIEW_CHARS: usize = 160;
@@ -162,7 +162,10 @@ pub async fn insert(
                 m.account_id.clone(),
                 Some(m.chat_id.clone()),
                 m.sent_at,
-                json!({ "message": MessageView { text: new_rows[&m.message_id].text.clone(), ..m.view() }, "chat": view }),
+                events::MessageNew {
+                    message: MessageView { text: new_rows[&m.message_id].text.clone(), ..m.view() },
+                    chat: view,
+                },
             )
         });
         results.push(Written { outcome, events: event.into_iter().collect() });

@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod batcher;
 pub mod chats;
 pub mod dead_letters;
+pub mod events;
 pub mod messages;
 pub mod updates;
 pub mod views;

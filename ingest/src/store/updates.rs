@@ -31,10 +31,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::unipile::payload::{MessagingEvent, MessagingEventKind};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use shared::envelope::{Envelope, EventType};
+use shared::envelope::Envelope;
 use sqlx::{Postgres, Transaction};
 
 use super::chats;
+use super::events::{Changed, MessageUpdated, ShownReaction};
 use super::messages::{NewMessage, PREVIEW_CHARS, sender_view};
 use super::views::{CHAT_COLUMNS, ChatRecord, MESSAGE_COLUMNS, MessageRow, Person, Reaction};
 use super::{Outcome, Written};
@@ -128,9 +129,9 @@ pub async fn apply(
                 }
             }
         }
-        let event = event.map(|(event_type, mut data)| {
-            data["message_id"] = json!(row.id);
-            data["message"] = json!(row.record());
+        let event = event.map(|change| {
+            let event_type = change.event_type();
+            let data = MessageUpdated { message_id: row.id.clone(), message: row.record(), change };
             Envelope::new(event_type, row.account_id.clone(), Some(row.chat_id.clone()), update.at, data)
         });
         results.push(Written { outcome, events: event.into_iter().collect() });
@@ -146,18 +147,15 @@ pub async fn apply(
 }
 
 /// Applies one change to the row in memory; returns the outcome and, for a change
-/// clients hear about, the event type and its `data` (without the message).
-fn change(row: &mut MessageRow, update: &MessageUpdate) -> (Outcome, Option<(EventType, Value)>) {
+/// clients hear about, what changed.
+fn change(row: &mut MessageRow, update: &MessageUpdate) -> (Outcome, Option<Changed>) {
     let at = update.at;
     match &update.change {
         Change::Read if row.seen => (Outcome::Duplicate, None),
         Change::Read => {
             row.seen = true;
             row.seen_at = Some(at);
-            (
-                Outcome::Accepted,
-                Some((EventType::MessageRead, json!({ "seen_at": shared::envelope::format_time(&at) }))),
-            )
+            (Outcome::Accepted, Some(Changed::Read { seen_at: at }))
         }
         Change::Delivered if row.delivered_at.is_some() => (Outcome::Duplicate, None),
         Change::Delivered => {
@@ -190,12 +188,16 @@ fn change(row: &mut MessageRow, update: &MessageUpdate) -> (Outcome, Option<(Eve
                 (None, _) => reactions.push(reaction.clone()),
             }
             row.reactions = sqlx::types::Json(json!(reactions));
-            let mut shown = json!(reaction);
-            if value.is_none() {
-                shown["value"] = Value::Null;
-            }
-            let data = json!({ "reaction": shown, "removed": value.is_none(), "reactions": reactions });
-            (Outcome::Accepted, Some((EventType::MessageReaction, data)))
+            let shown = ShownReaction {
+                value: value.clone(),
+                sender_id: reaction.sender_id,
+                sender: reaction.sender,
+                reacted_at: reaction.reacted_at,
+            };
+            (
+                Outcome::Accepted,
+                Some(Changed::Reaction { reaction: shown, removed: value.is_none(), reactions }),
+            )
         }
         Change::Edited { .. } if row.deleted_at.is_some() => (Outcome::Ignored, None),
         Change::Edited { .. } if row.edited_at.is_some_and(|e| e > at) => (Outcome::Ignored, None),
@@ -207,14 +209,12 @@ fn change(row: &mut MessageRow, update: &MessageUpdate) -> (Outcome, Option<(Eve
             row.text = text.clone();
             row.edited_at = Some(at);
             // The new text is in the `message` every update event carries: not twice.
-            let data = json!({ "edited_at": shared::envelope::format_time(&at) });
-            (Outcome::Accepted, Some((EventType::MessageEdited, data)))
+            (Outcome::Accepted, Some(Changed::Edited { edited_at: at }))
         }
         Change::Deleted if row.deleted_at.is_some() => (Outcome::Duplicate, None),
         Change::Deleted => {
             row.deleted_at = Some(at);
-            let data = json!({ "deleted_at": shared::envelope::format_time(&at) });
-            (Outcome::Accepted, Some((EventType::MessageDeleted, data)))
+            (Outcome::Accepted, Some(Changed::Deleted { deleted_at: at }))
         }
     }
 }
