@@ -13,104 +13,29 @@
 //! comes from the window or JetStream: that is what makes resume gap-free. Before the
 //! follower opens the hub, it prefills the window with the newest events the stream
 //! already holds (see `follower`).
+//!
+//! This module holds the registry of connections and dispatch; `scope` is what a
+//! connection may see, `connection` what it shares with the hub, and `window` the
+//! recent events and the catch-up that reads them.
+
+mod connection;
+mod scope;
+mod window;
+
+pub use connection::{ConnShared, Kick, Membership, Registration};
+pub use scope::Scope;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use shared::claims::Claims;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use crate::event::Event;
 use crate::metrics;
 
 /// An event shared by every queue it sits in.
 pub type SharedEvent = Arc<Event>;
-
-/// Which accounts a connection may see, from its token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    All,
-    Accounts(Vec<String>),
-}
-
-impl Scope {
-    pub fn from_claims(claims: &Claims) -> Self {
-        if claims.sees_all() {
-            return Scope::All;
-        }
-        let mut accounts = claims.accounts.clone();
-        accounts.sort();
-        accounts.dedup();
-        Scope::Accounts(accounts)
-    }
-
-    pub fn allows(&self, account_id: &str) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Accounts(accounts) => accounts.iter().any(|a| a == account_id),
-        }
-    }
-
-    /// The account, when the scope is exactly one (history reads can then filter).
-    pub fn single_account(&self) -> Option<&str> {
-        match self {
-            Scope::Accounts(accounts) if accounts.len() == 1 => Some(&accounts[0]),
-            _ => None,
-        }
-    }
-}
-
-/// Why the hub dropped a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kick {
-    /// Its queue filled up: it does not read fast enough.
-    SlowConsumer = 1,
-    /// The stream was recreated: sequences start over, so must the client.
-    StreamReset = 2,
-}
-
-/// State a connection shares with the hub.
-#[derive(Debug, Default)]
-pub struct ConnShared {
-    /// While set, a full queue marks the connection `lagged` instead of dropping it.
-    catching_up: AtomicBool,
-    /// Some live events were not queued while catching up.
-    lagged: AtomicBool,
-    kick: AtomicU8,
-    kicked: Notify,
-}
-
-impl ConnShared {
-    /// Why the hub dropped this connection, if it did.
-    pub fn kick_reason(&self) -> Option<Kick> {
-        match self.kick.load(Ordering::Acquire) {
-            1 => Some(Kick::SlowConsumer),
-            2 => Some(Kick::StreamReset),
-            _ => None,
-        }
-    }
-
-    /// Resolves once the hub drops this connection.
-    pub async fn kicked(&self) -> Kick {
-        loop {
-            if let Some(kick) = self.kick_reason() {
-                return kick;
-            }
-            self.kicked.notified().await;
-        }
-    }
-
-    pub fn is_lagged(&self) -> bool {
-        self.lagged.load(Ordering::Acquire)
-    }
-
-    fn kick(&self, why: Kick) {
-        self.kick.store(why as u8, Ordering::Release);
-        self.kicked.notify_one();
-    }
-}
 
 #[derive(Clone)]
 struct Entry {
@@ -140,33 +65,6 @@ pub struct Hub {
     next_id: AtomicU64,
 }
 
-/// A freshly registered connection.
-pub struct Registration {
-    pub id: u64,
-    pub rx: mpsc::Receiver<SharedEvent>,
-    pub shared: Arc<ConnShared>,
-    /// Newest sequence at registration: later events arrive through `rx`.
-    pub head: u64,
-    /// Events after `since` up to `head` from memory, when the window reaches back.
-    pub backlog: Option<Vec<SharedEvent>>,
-    /// Keeps the connection in the hub; dropping it unregisters.
-    pub membership: Membership,
-}
-
-/// Unregisters a connection when dropped.
-pub struct Membership {
-    hub: Arc<Hub>,
-    id: u64,
-    scope: Scope,
-}
-
-impl Drop for Membership {
-    fn drop(&mut self) {
-        self.hub.remove(self.id, &self.scope);
-        metrics::connection_closed();
-    }
-}
-
 impl Hub {
     pub fn new(queue_capacity: usize, window_capacity: usize) -> Arc<Self> {
         Arc::new(Self {
@@ -190,17 +88,6 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Before the first start: the follower fills the window from `base + 1` on (the
-    /// newest events already in the stream) while nobody can register yet.
-    pub fn prefill_from(&self, base: u64) {
-        let mut inner = self.lock();
-        if !inner.started {
-            inner.head = base;
-            inner.window_base = base;
-            inner.window.clear();
-        }
-    }
-
     /// Opens the hub to connections once the follower has caught up: from here on
     /// every event is new to them. Starting again changes nothing.
     pub fn start(&self) {
@@ -210,11 +97,6 @@ impl Hub {
     /// Whether connections may register yet.
     pub fn is_started(&self) -> bool {
         self.lock().started
-    }
-
-    /// Most events the window holds.
-    pub fn window_capacity(&self) -> usize {
-        self.window_capacity
     }
 
     /// Newest sequence seen, or `None` before the follower found the stream.
@@ -260,39 +142,6 @@ impl Hub {
         Some(Registration { id, rx, shared, head, backlog, membership })
     }
 
-    /// Starts another catch-up round after the connection lagged: under the lock,
-    /// empties its queue (whatever it held is at or before the new head) and clears
-    /// `lagged`. Returns the new head and, when the window reaches back to `covered`,
-    /// the events in `(covered, head]`.
-    pub fn rearm(
-        &self,
-        rx: &mut mpsc::Receiver<SharedEvent>,
-        shared: &ConnShared,
-        scope: &Scope,
-        covered: u64,
-    ) -> (u64, Option<Vec<SharedEvent>>) {
-        let inner = self.lock();
-        while rx.try_recv().is_ok() {}
-        shared.lagged.store(false, Ordering::Release);
-        (inner.head, inner.window_after(covered, scope))
-    }
-
-    /// The events in `(since, head]` the scope allows, when the window holds them all.
-    pub fn backlog(&self, since: u64, scope: &Scope) -> Option<Vec<SharedEvent>> {
-        self.lock().window_after(since, scope)
-    }
-
-    /// Ends catch-up mode unless the connection lagged meanwhile (then `false`: it
-    /// must rearm and catch up again). From here a full queue means a slow consumer.
-    pub fn finish_catch_up(&self, shared: &ConnShared) -> bool {
-        let _inner = self.lock();
-        if shared.lagged.load(Ordering::Acquire) {
-            return false;
-        }
-        shared.catching_up.store(false, Ordering::Release);
-        true
-    }
-
     /// Offers an event to every connection allowed to see it, and keeps it in the
     /// window. Never waits.
     pub fn publish(&self, event: SharedEvent) {
@@ -300,24 +149,10 @@ impl Hub {
         if event.seq <= inner.head {
             return;
         }
-        if !inner.started && inner.window.is_empty() {
-            // Prefilling: the window starts at the first event the stream still had.
-            inner.window_base = event.seq - 1;
-        }
-        inner.head = event.seq;
+        inner.advance(&event, self.window_capacity);
         if inner.started {
             // Not the events read to fill the window before the replica opens.
             metrics::event_in();
-        }
-        if self.window_capacity > 0 {
-            inner.window.push_back(event.clone());
-            while inner.window.len() > self.window_capacity {
-                if let Some(old) = inner.window.pop_front() {
-                    inner.window_base = old.seq;
-                }
-            }
-        } else {
-            inner.window_base = event.seq;
         }
         let mut dropped: Vec<u64> = Vec::new();
         let targets = inner.all.iter().chain(inner.by_account.get(&event.account_id).into_iter().flatten());
@@ -339,18 +174,6 @@ impl Hub {
             inner.all.remove(&id);
             if let Some(conns) = inner.by_account.get_mut(&event.account_id) {
                 conns.remove(&id);
-            }
-        }
-    }
-
-    /// Moves `head` past a stream message that is not an event, so the window stays
-    /// complete.
-    pub fn skip(&self, seq: u64) {
-        let mut inner = self.lock();
-        if seq > inner.head {
-            inner.head = seq;
-            if inner.window.is_empty() {
-                inner.window_base = seq;
             }
         }
     }
@@ -395,23 +218,12 @@ impl Hub {
     }
 }
 
-impl Inner {
-    /// Events in `(since, head]` the scope allows, if the window holds all of them.
-    fn window_after(&self, since: u64, scope: &Scope) -> Option<Vec<SharedEvent>> {
-        if since < self.window_base || since > self.head {
-            return None;
-        }
-        let start = self.window.partition_point(|e| e.seq <= since);
-        Some(self.window.range(start..).filter(|e| scope.allows(&e.account_id)).cloned().collect())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::extract::ws::Utf8Bytes;
 
-    fn event(seq: u64, account: &str) -> SharedEvent {
+    pub(super) fn event(seq: u64, account: &str) -> SharedEvent {
         Arc::new(Event {
             seq,
             account_id: account.into(),
@@ -461,50 +273,6 @@ mod tests {
         assert!(resuming.shared.is_lagged());
         assert!(!hub.finish_catch_up(&resuming.shared));
         assert_eq!(hub.entries(), 1);
-    }
-
-    #[test]
-    fn the_window_serves_resumes_it_reaches_back_to() {
-        let hub = Hub::new(8, 2);
-        hub.prefill_from(10);
-        hub.start();
-        for seq in 11..=13 {
-            hub.publish(event(seq, "a"));
-        }
-        let seqs = |reg: Registration| reg.backlog.map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>());
-        assert_eq!(seqs(hub.register(Scope::All, Some(11)).unwrap()), Some(vec![12, 13]));
-        assert_eq!(seqs(hub.register(Scope::All, Some(13)).unwrap()), Some(vec![]));
-        assert_eq!(seqs(hub.register(Scope::All, Some(10)).unwrap()), None, "13 - 2 events back is 11");
-        assert_eq!(seqs(hub.register(Scope::All, Some(14)).unwrap()), None, "the future is not in memory");
-    }
-
-    #[test]
-    fn a_prefilled_window_serves_resumes_from_before_the_start() {
-        let hub = Hub::new(8, 3);
-        hub.prefill_from(20);
-        // The stream had already dropped 21 when the follower read it.
-        for seq in 22..=25 {
-            hub.publish(event(seq, "a"));
-        }
-        assert!(hub.register(Scope::All, Some(22)).is_none(), "closed while prefilling");
-        hub.start();
-        let seqs = |reg: Registration| reg.backlog.map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>());
-        let fresh = hub.register(Scope::All, None).unwrap();
-        assert_eq!(fresh.head, 25, "a new client starts after the prefilled events");
-        assert_eq!(seqs(hub.register(Scope::All, Some(22)).unwrap()), Some(vec![23, 24, 25]));
-        assert_eq!(seqs(hub.register(Scope::All, Some(21)).unwrap()), None, "22 fell out of the window");
-    }
-
-    #[test]
-    fn a_prefill_that_found_nothing_still_starts_where_the_stream_was() {
-        let hub = Hub::new(8, 3);
-        hub.prefill_from(20);
-        // 21..=30 were purged: the first event seen is 31, and 21..=30 are not in memory.
-        hub.publish(event(31, "a"));
-        hub.start();
-        let seqs = |reg: Registration| reg.backlog.map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>());
-        assert_eq!(seqs(hub.register(Scope::All, Some(30)).unwrap()), Some(vec![31]));
-        assert_eq!(seqs(hub.register(Scope::All, Some(25)).unwrap()), None);
     }
 
     #[test]
