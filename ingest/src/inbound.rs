@@ -96,8 +96,7 @@ async fn require_secret(State(state): State<AppState>, request: Request, next: N
     if bool::from(given.ct_eq(expected)) {
         next.run(request).await
     } else {
-        let endpoint = request.uri().path().to_owned();
-        metrics::counter!("webhooks_total", "endpoint" => endpoint, "outcome" => "unauthorized").increment(1);
+        crate::metrics::webhook_answered(request.uri().path(), "unauthorized", None);
         axum::response::IntoResponse::into_response(ApiError::Unauthorized)
     }
 }
@@ -146,7 +145,7 @@ where
         let decision = match sanitize::parse(&body) {
             Ok((value, repaired)) => {
                 if repaired {
-                    metrics::counter!("webhook_bodies_repaired_total", "endpoint" => endpoint).increment(1);
+                    crate::metrics::webhook_body_repaired(endpoint);
                 }
                 match handle(state.clone(), value).await {
                     Ok(decision) => decision,
@@ -176,9 +175,7 @@ where
         Err(ApiError::BadRequest(_)) => "bad_request",
         Err(_) => "unavailable",
     };
-    metrics::counter!("webhooks_total", "endpoint" => endpoint, "outcome" => outcome).increment(1);
-    metrics::histogram!("webhook_ack_seconds", "endpoint" => endpoint)
-        .record(started.elapsed().as_secs_f64());
+    crate::metrics::webhook_answered(endpoint, outcome, Some(started.elapsed()));
     result.map(|status| Json(Ack { status }))
 }
 

@@ -17,6 +17,7 @@ pub mod db;
 pub mod error;
 pub mod health;
 pub mod inbound;
+pub mod metrics;
 pub mod outbox;
 pub mod sanitize;
 pub mod startup;

@@ -166,7 +166,7 @@ pub async fn enqueue(
     let payloads: Vec<Vec<u8>> = events.iter_mut().map(|e| fit(e, limits)).collect();
     let cut = events.iter().filter(|e| e.truncated).count();
     if cut > 0 {
-        metrics::counter!("outbox_events_truncated_total").increment(cut as u64);
+        crate::metrics::events_truncated(cut);
     }
     sqlx::query(
         "insert into outbox (event_id, subject, payload)
@@ -264,7 +264,7 @@ impl Relay {
                     Ok(()) => failures = 0,
                     Err(e) => {
                         failures += 1;
-                        metrics::counter!("outbox_publish_errors_total").increment(1);
+                        crate::metrics::publish_round_failed();
                         tracing::warn!(error = format!("{e:#}"), failures, "publishing failed; will retry");
                         // The stream may have been deleted: make sure of it next time.
                         stream_ready = false;
@@ -372,15 +372,14 @@ impl Relay {
         tx.commit().await.context("recording what was published")?;
 
         let now = Utc::now();
-        for (row, _) in rows.iter().zip(&sent).filter(|(_, s)| **s == Sent::Acked) {
-            let lag = (now - row.created_at).to_std().unwrap_or_default();
-            metrics::histogram!("outbox_publish_lag_seconds").record(lag.as_secs_f64());
-        }
-        metrics::counter!("outbox_published_total").increment(acked.len() as u64);
+        let acked_rows = rows.iter().zip(&sent).filter(|(_, s)| **s == Sent::Acked);
+        crate::metrics::published(
+            acked_rows.map(|(row, _)| (now - row.created_at).to_std().unwrap_or_default()),
+        );
         for (row, s) in rows.iter().zip(&sent) {
             if let Sent::Parked(reason) = s {
                 let kind = reason.split(':').next().unwrap_or("other").to_owned();
-                metrics::counter!("outbox_parked_total", "reason" => kind).increment(1);
+                crate::metrics::parked(kind);
                 tracing::error!(outbox_id = row.id, event_id = %row.event_id, subject = %row.subject,
                     reason = %reason, "event parked: it cannot be published");
             }
@@ -471,8 +470,7 @@ impl Relay {
         )
         .fetch_one(&self.pool)
         .await?;
-        metrics::gauge!("outbox_depth").set(depth as f64);
-        metrics::gauge!("outbox_parked").set(parked as f64);
+        crate::metrics::outbox_rows(depth, parked);
         Ok(())
     }
 }

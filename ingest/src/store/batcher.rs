@@ -92,9 +92,9 @@ impl Writer {
     async fn run(self) {
         while let Some(batch) = self.next_batch().await {
             let started = Instant::now();
-            metrics::histogram!("ingest_batch_size").record(batch.len() as f64);
+            let size = batch.len();
             self.save(batch).await;
-            metrics::histogram!("ingest_batch_commit_seconds").record(started.elapsed().as_secs_f64());
+            crate::metrics::batch_committed(size, started.elapsed());
         }
     }
 
@@ -117,7 +117,7 @@ impl Writer {
                 }
                 Err(e) if is_data_error(&e) && part.len() > 1 => {
                     tracing::debug!(error = %e, size = part.len(), "batch refused for its data; splitting it");
-                    metrics::counter!("ingest_batch_splits_total").increment(1);
+                    crate::metrics::batch_split();
                     let right = part.split_off(part.len() / 2);
                     parts.push_front(right);
                     parts.push_front(part);
@@ -125,7 +125,7 @@ impl Writer {
                 Err(e) if is_data_error(&e) => {
                     let reason = crate::sanitize::scrubbed(&e.to_string()).into_owned();
                     tracing::warn!(reason = %reason, "the database refused a write for its data");
-                    metrics::counter!("ingest_writes_rejected_total").increment(1);
+                    crate::metrics::write_rejected();
                     for job in part {
                         let _ = job.reply.send(Err(StoreError::Rejected { reason: reason.clone() }));
                     }

@@ -437,7 +437,7 @@ enum Retryable {
 }
 
 fn record(call: Call, outcome: &'static str) {
-    metrics::counter!("unipile_requests_total", "call" => call.name, "outcome" => outcome).increment(1);
+    crate::metrics::unipile_request(call.name, outcome);
 }
 
 /// `Retry-After` as seconds or as an HTTP date.

@@ -369,7 +369,7 @@ pub fn spawn_registration(
 
 /// The body of [`spawn_registration`], for callers that supervise their own tasks.
 pub async fn run_registration(registration: Registration, pool: PgPool, backoff: BackgroundBackoff) {
-    metrics::gauge!("unipile_webhooks_registered").set(0.0);
+    crate::metrics::webhooks_registered(false);
     let (client, settings) = match registration {
         Registration::Enabled { client, settings } => (client, settings),
         Registration::Skipped { reason } => {
@@ -383,7 +383,7 @@ pub async fn run_registration(registration: Registration, pool: PgPool, backoff:
         attempt += 1;
         match ensure(&client, &settings, Some(&pool)).await {
             Ok(done) => {
-                metrics::gauge!("unipile_webhooks_registered").set(1.0);
+                crate::metrics::webhooks_registered(true);
                 for webhook in &done {
                     tracing::info!(
                         source = %webhook.source,
