@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use runtime::config::{NatsArgs, TelemetryArgs, parse_secret};
 use secrecy::SecretString;
-use shared::config::{NatsArgs, TelemetryArgs, parse_secret};
 
 /// `fanout` with no subcommand serves; `fanout token` mints a token for trying it out.
 #[derive(Debug, Parser)]

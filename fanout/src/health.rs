@@ -43,6 +43,6 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 async fn metrics() -> impl IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared::telemetry::metrics_handle().render(),
+        runtime::telemetry::metrics_handle().render(),
     )
 }

@@ -18,8 +18,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Tail(args) => return fanout::tail::run(args).await,
     };
-    shared::telemetry::init_tracing(config.telemetry.log_format);
+    runtime::telemetry::init_tracing(config.telemetry.log_format);
     let app = Application::build(config).await?;
     tracing::info!(port = app.port(), "fanout listening");
-    app.run_until_stopped(shared::telemetry::shutdown_signal()).await
+    app.run_until_stopped(runtime::telemetry::shutdown_signal()).await
 }

@@ -41,9 +41,9 @@ impl Application {
     /// background if it is not up yet: readiness stays false until following).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         // Install the recorder before any metric handle is created.
-        let _ = shared::telemetry::metrics_handle();
+        let _ = runtime::telemetry::metrics_handle();
         let max_connections =
-            connection_limit(config.max_connections, shared::http::raise_open_files_limit());
+            connection_limit(config.max_connections, runtime::http::raise_open_files_limit());
         if max_connections < config.max_connections {
             tracing::warn!(
                 configured = config.max_connections,
@@ -111,8 +111,8 @@ impl Application {
         let server = tokio::spawn(
             async move {
                 // Frames are small and latency matters more than packet count: no Nagle.
-                let options = shared::http::ServeOptions { nodelay: true, ..Default::default() };
-                shared::http::serve(listener, app, options, async move {
+                let options = runtime::http::ServeOptions { nodelay: true, ..Default::default() };
+                runtime::http::serve(listener, app, options, async move {
                     tokio::select! {
                         _ = shutdown => {},
                         _ = stop.cancelled() => {},
@@ -126,7 +126,7 @@ impl Application {
         );
         let mut follower = tokio::spawn(follower.run().instrument(tracing::info_span!("follower")));
         let mut upkeep = tokio::spawn(
-            shared::telemetry::metrics_upkeep().instrument(tracing::info_span!("metrics_upkeep")),
+            runtime::telemetry::metrics_upkeep().instrument(tracing::info_span!("metrics_upkeep")),
         );
 
         let outcome = tokio::select! {

@@ -18,8 +18,8 @@ use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Local, Utc};
 use clap::Args;
 use futures::StreamExt;
+use runtime::config::NatsArgs;
 use serde_json::Value;
-use shared::config::NatsArgs;
 
 /// Options of `fanout tail`.
 #[derive(Debug, Clone, Args)]

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use runtime::config::{NatsArgs, TelemetryArgs, parse_secret};
 use secrecy::SecretString;
-use shared::config::{NatsArgs, TelemetryArgs, parse_secret};
 
 /// `ingest serve` option for the start-up catch-up.
 #[derive(Debug, Clone, Args)]

@@ -7,17 +7,17 @@ use ingest::startup::Application;
 async fn main() -> anyhow::Result<()> {
     match Cli::parse_with_default().command.expect("parse_with_default always sets a command") {
         Command::Serve(config) => {
-            shared::telemetry::init_tracing(config.telemetry.log_format);
+            runtime::telemetry::init_tracing(config.telemetry.log_format);
             let app = Application::build(*config).await?;
             tracing::info!(port = app.port(), "ingest listening");
-            app.run_until_stopped(shared::telemetry::shutdown_signal()).await
+            app.run_until_stopped(runtime::telemetry::shutdown_signal()).await
         }
         Command::Webhooks(command) => {
-            shared::telemetry::init_tracing(shared::config::LogFormat::Text);
+            runtime::telemetry::init_tracing(runtime::config::LogFormat::Text);
             ingest::unipile::cli::run_webhooks(command).await
         }
         Command::Sync(command) => {
-            shared::telemetry::init_tracing(shared::config::LogFormat::Text);
+            runtime::telemetry::init_tracing(runtime::config::LogFormat::Text);
             ingest::unipile::cli::run_sync(*command).await
         }
     }

@@ -36,7 +36,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
-        let open_files = shared::http::raise_open_files_limit();
+        let open_files = runtime::http::raise_open_files_limit();
         tracing::debug!(open_files, "open-file limit");
         let db = crate::db::connect_and_migrate(&config.database, u32::MAX).await?;
         let nats = config.nats.connect("ingest").await?;
@@ -46,7 +46,7 @@ impl Application {
         let stop_upkeep = stop_background.clone();
         tasks.spawn(async move {
             tokio::select! {
-                _ = shared::telemetry::metrics_upkeep() => {},
+                _ = runtime::telemetry::metrics_upkeep() => {},
                 _ = stop_upkeep.cancelled() => {},
             }
             Ok(())
@@ -81,7 +81,7 @@ impl Application {
             webhook_secret: config.webhook_secret.clone(),
             jwt: JwtKeys::new(&config.jwt_secret),
             nats,
-            metrics: shared::telemetry::metrics_handle(),
+            metrics: runtime::telemetry::metrics_handle(),
         };
         let router = router(state.clone(), &config);
         let listener =
@@ -105,7 +105,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self { listener, router, state, mut tasks, stop_background } = self;
-        let server = shared::http::serve(listener, router, Default::default(), shutdown);
+        let server = runtime::http::serve(listener, router, Default::default(), shutdown);
         tokio::select! {
             served = server => served.context("HTTP server failed")?,
             died = tasks.join_next() => {

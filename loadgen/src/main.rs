@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = runtime.enable_all().build()?;
     runtime.block_on(async {
-        shared::telemetry::init_tracing(shared::config::LogFormat::Text);
+        runtime::telemetry::init_tracing(runtime::config::LogFormat::Text);
         loadgen::run(cli).await
     })
 }

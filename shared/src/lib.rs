@@ -1,19 +1,16 @@
-//! Code shared by the two halves of the Unipile realtime relay.
+//! The contract the two halves of the Unipile realtime relay speak.
 //!
 //! `ingest` turns Unipile webhooks into [`envelope::Envelope`]s and publishes them on
-//! JetStream under the [`subjects`] scheme; `fanout` follows the stream and pushes the
-//! same bytes to WebSocket clients whose [`claims::Claims`] allow them. Both read their
-//! configuration through the [`config`] pieces and log through [`telemetry`].
+//! the JetStream [`stream`] under the [`subjects`] scheme; `fanout` follows the stream
+//! and pushes the same bytes to WebSocket clients whose [`claims::Claims`] allow them.
+//! Both answer errors with [`errors::ErrorBody`].
 //!
-//! Nothing here does I/O on its own except [`telemetry`], [`http::serve`] and
-//! [`config::NatsArgs::connect`]:
-//! the crate is mostly types with the unit tests that pin their quirks.
+//! Types with the unit tests that pin their quirks; the only I/O is
+//! [`stream::ensure_stream`], the stream's owner's way to create it. What the services
+//! run on (configuration, HTTP loop, telemetry) is the `runtime` crate.
 
 pub mod claims;
-pub mod config;
 pub mod envelope;
 pub mod errors;
-pub mod http;
 pub mod stream;
 pub mod subjects;
-pub mod telemetry;

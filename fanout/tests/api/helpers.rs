@@ -11,10 +11,10 @@ use async_nats::jetstream;
 use fanout::frames::ServerFrame;
 use fanout::{Application, Config};
 use futures::{SinkExt, StreamExt};
+use runtime::config::{LogFormat, NatsArgs, TelemetryArgs};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use shared::claims::{Claims, JwtKeys};
-use shared::config::{LogFormat, NatsArgs, TelemetryArgs};
 use shared::envelope::{Envelope, EventType};
 use shared::stream::{StreamSpec, ensure_stream};
 use shared::subjects::Subjects;
@@ -145,7 +145,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 
 /// Starts a server with this configuration and waits until it is ready.
 pub async fn spawn(config: Config, events: Events) -> TestApp {
-    shared::telemetry::init_tracing(LogFormat::Text);
+    runtime::telemetry::init_tracing(LogFormat::Text);
     let app = Application::build(config).await.expect("building the app");
     let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().unwrap();
     let (stop, stopped) = oneshot::channel();

@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Args, Subcommand};
+use runtime::config::parse_secret;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
-use shared::config::parse_secret;
 use sqlx::PgPool;
 
 use super::client::{ClientConfig, UnipileClient};

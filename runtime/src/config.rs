@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use secrecy::SecretString;
 
-use crate::subjects::Subjects;
+use shared::subjects::Subjects;
 
 /// Parses a secret that must not be empty; used as a clap `value_parser`.
 pub fn parse_secret(value: &str) -> Result<SecretString, String> {

@@ -1,0 +1,7 @@
+//! What both services run on, beside the contract in `shared`: the configuration pieces
+//! they share ([`config`]), the HTTP server loop with its deadlines ([`http`]), and the
+//! logging and Prometheus set-up done once per process ([`telemetry`]).
+
+pub mod config;
+pub mod http;
+pub mod telemetry;
