@@ -18,7 +18,7 @@
 
 use std::time::Instant;
 
-use crate::unipile::payload::{AccountStatusDelivery, MessagingEvent, MessagingEventKind};
+use crate::payload::{AccountStatusDelivery, MessagingEvent, MessagingEventKind};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};

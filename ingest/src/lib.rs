@@ -19,6 +19,7 @@ pub mod health;
 pub mod inbound;
 pub mod metrics;
 pub mod outbox;
+pub mod payload;
 pub mod sanitize;
 pub mod startup;
 pub mod state;

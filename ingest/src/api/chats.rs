@@ -125,7 +125,7 @@ pub async fn mark_read(
 
 /// The chat, if it exists and the caller may see it; otherwise 404 (never its data).
 pub async fn visible_chat(db: &PgPool, caller: &Caller, chat_id: &str) -> Result<ChatRecord, ApiError> {
-    if chat_id.len() > crate::unipile::lenient::MAX_ID_BYTES || chat_id.contains('\0') {
+    if chat_id.len() > crate::payload::lenient::MAX_ID_BYTES || chat_id.contains('\0') {
         // No chat is stored under such an id.
         return Err(ApiError::NotFound);
     }

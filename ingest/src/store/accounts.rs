@@ -4,7 +4,7 @@
 //! delivery that repeats the current status changes nothing (`duplicate`, no event).
 //! Unipile's deliveries carry no time of their own, so arrival order decides.
 
-use crate::unipile::payload::AccountStatusDelivery;
+use crate::payload::AccountStatusDelivery;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use shared::envelope::{Envelope, EventType, millis};

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::unipile::payload::{Attendee, MessagingEvent};
+use crate::payload::{Attendee, MessagingEvent};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use shared::envelope::{ChatView, Envelope, EventType, MessageView, SenderView};

@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use crate::unipile::payload::{MessagingEvent, MessagingEventKind};
+use crate::payload::{MessagingEvent, MessagingEventKind};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use shared::envelope::Envelope;

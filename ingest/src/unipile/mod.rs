@@ -1,7 +1,6 @@
 //! Everything the relay asks of Unipile's REST API.
 //!
 //! - [`client`]: a typed client with timeouts, retries and cursor pagination.
-//! - [`payload`]: the webhook payloads Unipile delivers, read leniently ([`lenient`]).
 //! - [`types`]: the request and response bodies of its REST API, read leniently.
 //! - [`registration`]: keeping the relay's two webhooks registered (at start-up and with
 //!   `ingest webhooks ensure`).
@@ -10,8 +9,6 @@
 
 pub mod cli;
 pub mod client;
-pub mod lenient;
-pub mod payload;
 pub mod registration;
 pub mod sync;
 pub mod types;

@@ -36,7 +36,7 @@ use tracing::Instrument;
 use super::client::{ClientConfig, UnipileClient, UnipileError};
 use super::types::{NewWebhook, Webhook, WebhookHeader};
 use crate::config::UnipileArgs;
-use crate::unipile::payload::MessagingEventKind;
+use crate::payload::MessagingEventKind;
 
 /// Path of the messaging webhook endpoint of ingest.
 pub const MESSAGES_PATH: &str = "/api/webhooks/unipile/messages";

@@ -1,10 +1,10 @@
 //! Request and response bodies of Unipile's REST API, as far as the relay uses them.
 //!
-//! Responses are read as leniently as webhook deliveries (see [`crate::unipile::lenient`]):
+//! Responses are read as leniently as webhook deliveries (see [`crate::payload::lenient`]):
 //! flags come as `0`/`1` or strings, lists may be a single object, unknown fields
 //! appear. Only a missing id makes an item unusable.
 
-use crate::unipile::lenient;
+use crate::payload::lenient;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};

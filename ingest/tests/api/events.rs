@@ -7,10 +7,10 @@ use serde_json::{Value, json};
 use shared::envelope::{Envelope, EventType};
 use uuid::Uuid;
 
+use ingest::payload::MessagingEvent;
 use ingest::store::batcher::commit;
 use ingest::store::updates::MessageUpdate;
 use ingest::store::{Outcome, Write};
-use ingest::unipile::payload::MessagingEvent;
 
 use crate::helpers::{TestApp, fixture, spawn_app};
 

@@ -2,7 +2,7 @@
 //! dead-lettered) or the contract's 4xx, never 5xx while PostgreSQL and NATS are up,
 //! and every 200 is found in `messages` or `dead_letters`.
 
-use ingest::unipile::payload::MessagingEvent;
+use ingest::payload::MessagingEvent;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde::Deserialize;

@@ -2,14 +2,14 @@
 //!
 //! Two shapes arrive: messaging events (`message_received`, `message_read`, ...) as a
 //! flat object, and account status changes wrapped in `{"AccountStatus": {..}}`. Both are
-//! read leniently (see [`super::lenient`]): odd field types are coerced, unknown fields
+//! read leniently (see [`lenient`]): odd field types are coerced, unknown fields
 //! are kept in `extra`, and only a missing id makes a payload unusable.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
-use super::lenient;
+pub mod lenient;
 
 /// The `event` field of a messaging delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
