@@ -189,7 +189,6 @@ mod rolling_restart {
 
     use std::time::Duration;
 
-    use fanout::config::{Cli, Command};
     use futures::StreamExt;
     use secrecy::SecretString;
     use serde_json::{Value, json};
@@ -197,7 +196,6 @@ mod rolling_restart {
     use shared::envelope::{Envelope, EventType};
     use shared::subjects::Subjects;
     use testkit::{StreamGuard, nats_url};
-    use tokio::sync::oneshot;
     use tokio_tungstenite::tungstenite::Message;
 
     use super::Gateway;
@@ -205,43 +203,18 @@ mod rolling_restart {
     const SECRET: &str = "gateway-test-secret";
     type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-    /// A fanout replica on `port`; stops (closing its sockets with 1012) when `stop` is sent.
-    async fn replica(
-        port: u16,
-        stream: &str,
-        prefix: &str,
-    ) -> (u16, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-        let args = [
-            "fanout".to_owned(),
+    /// A fanout replica on `port`; stops (closing its sockets with 1012) when dropped
+    /// or stopped.
+    async fn replica(port: u16, stream: &str, prefix: &str) -> testkit::service::Service {
+        testkit::service::fanout(&[
             format!("--listen=127.0.0.1:{port}"),
             format!("--jwt-secret={SECRET}"),
             format!("--nats-url={}", nats_url()),
             format!("--stream-name={stream}"),
             format!("--subject-prefix={prefix}"),
             "--shutdown-grace-secs=1".to_owned(),
-        ];
-        let Command::Serve(config) = Cli::try_parse_with_default(args).expect("configuration parses").command
-        else {
-            panic!("serve is the default subcommand");
-        };
-        let app = fanout::Application::build(config).await.expect("fanout builds");
-        let port = app.port();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = app
-                .run_until_stopped(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        let ready = format!("http://127.0.0.1:{port}/readyz");
-        for _ in 0..200 {
-            if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
-                return (port, stop, task);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("fanout on {port} did not become ready");
+        ])
+        .await
     }
 
     async fn connect(gateway: u16, token: &str, since: Option<u64>) -> (Ws, Value) {
@@ -303,7 +276,8 @@ mod rolling_restart {
         };
         // Replica B's port is reserved but closed: B is not running yet.
         let port_b = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (port_a, stop_a, a) = replica(0, &stream, &prefix).await;
+        let mut a = replica(0, &stream, &prefix).await;
+        let port_a = a.port;
         let gateway = Gateway::start(&[port_a, port_b]);
         let token = JwtKeys::new(&SecretString::from(SECRET)).issue(
             "user-1",
@@ -316,15 +290,14 @@ mod rolling_restart {
         assert_eq!(next_json(&mut ws).await["seq"], seen);
 
         // A stops (a deploy): its client is told to go elsewhere, then misses three events.
-        let _ = stop_a.send(());
+        assert!(a.stop(Duration::from_secs(15)).await, "A stops cleanly");
         assert_eq!(next_json(&mut ws).await["closed"], 1012);
-        a.await.unwrap();
         let mut missed = Vec::new();
         for i in 1..=3 {
             missed.push(publish(i).await);
         }
         // B starts after them, on the port the gateway already lists.
-        let (_, _stop_b, _b) = replica(port_b, &stream, &prefix).await;
+        let _b = replica(port_b, &stream, &prefix).await;
 
         let (mut ws, hello) = connect(gateway.port, &token, Some(seen)).await;
         assert_eq!(hello["recovered"], true, "{hello}");

@@ -1,45 +1,25 @@
 //! `loadgen resume` end to end: the real binary against a real fanout replica on the
 //! machine's NATS, in both of its steps (publish only, then the storm with `--since`).
 
-use fanout::config::{Cli, Command};
 use serde_json::json;
 use shared::envelope::{Envelope, EventType};
 use shared::stream::{StreamSpec, ensure_stream};
 use shared::subjects::Subjects;
+use testkit::service::Service;
 use testkit::{StreamGuard, nats_url};
-use tokio::sync::oneshot;
 
 const SECRET: &str = "loadgen-resume-test-secret";
 
-/// A fanout replica on a free port; stops when the sender drops.
-async fn start_fanout(stream: &str, prefix: &str, window: usize) -> (u16, oneshot::Sender<()>) {
-    let args = [
-        "fanout".to_owned(),
-        "--listen=127.0.0.1:0".to_owned(),
+/// A fanout replica on a free port; stops when dropped.
+async fn start_fanout(stream: &str, prefix: &str, window: usize) -> Service {
+    testkit::service::fanout(&[
         format!("--jwt-secret={SECRET}"),
         format!("--nats-url={}", nats_url()),
         format!("--stream-name={stream}"),
         format!("--subject-prefix={prefix}"),
         format!("--replay-window={window}"),
-    ];
-    let Command::Serve(config) = Cli::try_parse_with_default(args).expect("configuration parses").command
-    else {
-        panic!("serve is the default subcommand");
-    };
-    let app = fanout::Application::build(config).await.expect("fanout builds");
-    let port = app.port();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    let ready = format!("http://127.0.0.1:{port}/readyz");
-    for _ in 0..100 {
-        if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
-            return (port, stop);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("fanout did not become ready");
+    ])
+    .await
 }
 
 async fn loadgen(port: u16, stream: &str, prefix: &str, extra: &[&str]) -> String {
@@ -82,12 +62,13 @@ async fn publish_only(port: u16, stream: &str, prefix: &str, missed: u64) -> u64
 async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_from_memory() {
     let (stream, prefix, _guard) = test_stream().await;
     // A replica that stops before the events.
-    let (port, stop) = start_fanout(&stream, &prefix, 0).await;
-    let since = publish_only(port, &stream, &prefix, 7).await.to_string();
-    drop(stop);
+    let fanout = start_fanout(&stream, &prefix, 0).await;
+    let since = publish_only(fanout.port, &stream, &prefix, 7).await.to_string();
+    drop(fanout);
 
     // With a window, a replica started now holds the events in memory...
-    let (port, _stop) = start_fanout(&stream, &prefix, 100).await;
+    let fanout = start_fanout(&stream, &prefix, 100).await;
+    let port = fanout.port;
     let storm = ["--since", &since, "--missed", "7", "--connections", "30"];
     let out = loadgen(port, &stream, &prefix, &storm).await;
     assert!(out.contains("30 of 30 clients caught up on 7 missed events"), "{out}");
@@ -96,8 +77,8 @@ async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_fro
     assert!(out.contains(r#"{"memory": 30.0}"#), "{out}");
 
     // ...and without one, every client reads JetStream, with the same result.
-    let (port, _stop) = start_fanout(&stream, &prefix, 0).await;
-    let out = loadgen(port, &stream, &prefix, &storm).await;
+    let fanout = start_fanout(&stream, &prefix, 0).await;
+    let out = loadgen(fanout.port, &stream, &prefix, &storm).await;
     assert!(out.contains("30 of 30 clients caught up on 7 missed events"), "{out}");
     assert!(out.contains("exactly the missed events in order: yes"), "{out}");
     assert!(out.contains(r#"{"stream": 30.0}"#), "{out}");
@@ -106,7 +87,8 @@ async fn a_storm_on_a_replica_started_after_the_events_is_served_exactly_and_fro
 #[tokio::test]
 async fn clients_that_did_not_get_exactly_the_expected_events_are_reported() {
     let (stream, prefix, _guard) = test_stream().await;
-    let (port, _stop) = start_fanout(&stream, &prefix, 100).await;
+    let fanout = start_fanout(&stream, &prefix, 100).await;
+    let port = fanout.port;
     let since = publish_only(port, &stream, &prefix, 2).await;
     // An event of another chat right after them: a run told to expect three loadgen
     // events after `since` gets two, then this one.

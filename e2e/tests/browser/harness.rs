@@ -7,17 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use clap::Parser;
 use fantoccini::{Client, ClientBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use shared::claims::JwtKeys;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use testkit::nats_url;
+use testkit::service::Service;
 use testkit::{StreamGuard, TestDatabase, create_database};
 
 pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
@@ -37,51 +35,6 @@ const CHROMIUM_FLAGS: &[&str] = &[
     "--window-size=1280,800",
 ];
 
-/// A server running in this process until [`Server::stop`].
-struct Server {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Server {
-    fn spawn<F>(run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
-    where
-        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        let (stop, stopped) = oneshot::channel();
-        Self { stop: Some(stop), task: Some(tokio::spawn(run(stopped))) }
-    }
-
-    async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-#[derive(Parser)]
-struct IngestArgs {
-    #[command(flatten)]
-    config: ingest::config::ServeConfig,
-}
-
-#[derive(Parser)]
-struct FanoutArgs {
-    #[command(flatten)]
-    config: fanout::Config,
-}
-
 /// ingest and fanout, wired to one private stream.
 pub struct Relay {
     pub ingest_url: String,
@@ -93,8 +46,8 @@ pub struct Relay {
     _database: TestDatabase,
     /// Likewise for the stream.
     _stream: StreamGuard,
-    ingest: Server,
-    fanout: Server,
+    ingest: Service,
+    fanout: Service,
     client: reqwest::Client,
 }
 
@@ -108,8 +61,6 @@ impl Relay {
         let database = create_database("e2e").await;
         let database_url = &database.url;
         let args = [
-            "ingest".to_owned(),
-            "--listen=127.0.0.1:0".to_owned(),
             format!("--webhook-secret={WEBHOOK_SECRET}"),
             format!("--jwt-secret={JWT_SECRET}"),
             format!("--database-url={database_url}"),
@@ -119,14 +70,8 @@ impl Relay {
             format!("--cors-origins=http://127.0.0.1:{fanout_port}"),
             "--outbox-sweep-ms=200".to_owned(),
         ];
-        let config = IngestArgs::try_parse_from(args).expect("ingest test configuration parses").config;
-        let app = ingest::startup::Application::build(config).await.expect("ingest builds");
-        let ingest_url = format!("http://127.0.0.1:{}", app.port());
-        let ingest = Server::spawn(|stopped| {
-            app.run_until_stopped(async move {
-                let _ = stopped.await;
-            })
-        });
+        let ingest = testkit::service::ingest(&args).await;
+        let ingest_url = ingest.url("");
         let relay = Self {
             ingest_url,
             fanout_port,
@@ -167,7 +112,7 @@ impl Relay {
 
     /// Stops fanout: every socket is closed (1012) and nothing listens on its port.
     pub async fn stop_fanout(&mut self) {
-        self.fanout.stop().await;
+        self.fanout.stop(Duration::from_secs(15)).await;
     }
 
     /// Starts a new fanout on the same port, as a restarted replica would be.
@@ -232,8 +177,8 @@ impl Relay {
     }
 
     pub async fn shutdown(mut self) {
-        self.fanout.stop().await;
-        self.ingest.stop().await;
+        self.fanout.stop(Duration::from_secs(15)).await;
+        self.ingest.stop(Duration::from_secs(15)).await;
     }
 }
 
@@ -246,9 +191,8 @@ fn chrono_now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-async fn start_fanout(port: u16, stream_name: &str, prefix: &str, flags: &[&str]) -> (Server, u16) {
+async fn start_fanout(port: u16, stream_name: &str, prefix: &str, flags: &[&str]) -> (Service, u16) {
     let args = [
-        "fanout".to_owned(),
         format!("--listen=127.0.0.1:{port}"),
         format!("--jwt-secret={JWT_SECRET}"),
         format!("--nats-url={}", nats_url()),
@@ -256,27 +200,11 @@ async fn start_fanout(port: u16, stream_name: &str, prefix: &str, flags: &[&str]
         format!("--subject-prefix={prefix}"),
         "--shutdown-grace-secs=1".to_owned(),
     ];
-    let args = args.into_iter().chain(flags.iter().map(|flag| flag.to_string()));
-    let config = FanoutArgs::try_parse_from(args).expect("fanout test configuration parses").config;
-    // A just-closed listener may take a moment to release its port.
-    let mut tries = 0;
-    let app = loop {
-        match fanout::Application::build(config.clone()).await {
-            Ok(app) => break app,
-            Err(_) if tries < 50 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("fanout builds on port {port}: {error:#}"),
-        }
-    };
-    let port = app.port();
-    let server = Server::spawn(|stopped| {
-        app.run_until_stopped(async move {
-            let _ = stopped.await;
-        })
-    });
-    (server, port)
+    let args: Vec<String> = args.into_iter().chain(flags.iter().map(|flag| flag.to_string())).collect();
+    // Not ready until ingest has created the stream: the caller waits.
+    let service = testkit::service::fanout_unready(&args).await;
+    let port = service.port;
+    (service, port)
 }
 
 fn find_program(names: &[&str]) -> Option<PathBuf> {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use fanout::Config;
 use fanout::frames::ServerFrame;
-use fanout::{Application, Config};
 use futures::{SinkExt, StreamExt};
 use runtime::config::{LogFormat, NatsArgs, TelemetryArgs};
 use secrecy::SecretString;
@@ -20,9 +20,8 @@ use shared::stream::{StreamSpec, ensure_stream};
 use shared::subjects::Subjects;
 use testkit::StreamGuard;
 pub use testkit::nats_url;
+use testkit::service::Service;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -123,10 +122,10 @@ pub fn config(url: &str, events: &Events) -> Config {
 
 /// A running fanout server.
 pub struct TestApp {
+    /// First, so that it is told to stop before the stream is removed.
+    service: Service,
     pub addr: SocketAddr,
     pub events: Events,
-    stop: Option<oneshot::Sender<()>>,
-    handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 /// A server on a fresh stream against the machine's NATS.
@@ -146,13 +145,9 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 /// Starts a server with this configuration and waits until it is ready.
 pub async fn spawn(config: Config, events: Events) -> TestApp {
     runtime::telemetry::init_tracing(LogFormat::Text);
-    let app = Application::build(config).await.expect("building the app");
-    let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().unwrap();
-    let (stop, stopped) = oneshot::channel();
-    let handle = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    let app = TestApp { addr, events, stop: Some(stop), handle: Some(handle) };
+    let service = testkit::service::fanout_with(config).await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", service.port).parse().unwrap();
+    let app = TestApp { service, addr, events };
     app.wait_ready(true).await;
     app
 }
@@ -202,16 +197,7 @@ impl TestApp {
 
     /// Stops the server (SIGTERM equivalent) and waits for it to finish.
     pub async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(handle) = self.handle.take() {
-            tokio::time::timeout(WAIT, handle)
-                .await
-                .expect("server stops in time")
-                .expect("server task")
-                .expect("server stops cleanly");
-        }
+        assert!(self.service.stop(WAIT).await, "server stops cleanly, in time");
     }
 
     /// Opens a WebSocket; panics unless the upgrade succeeds.

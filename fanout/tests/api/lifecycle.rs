@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use fanout::Application;
 use serde_json::json;
 use shared::stream::{StreamSpec, ensure_stream};
 
@@ -104,9 +103,8 @@ async fn fanout_started_before_the_stream_exists_waits_for_ingest_to_create_it()
     let url = nats_url();
     let events = Events::new(&url).await;
     events.js.delete_stream(&events.stream_name).await.expect("start with no stream");
-    let app = Application::build(config(&url, &events)).await.expect("building the app");
-    let addr = format!("http://127.0.0.1:{}/readyz", app.port());
-    let server = tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let server = testkit::service::fanout_with(config(&url, &events)).await;
+    let addr = server.url("/readyz");
     let readyz = || async { reqwest::get(&addr).await.map(|r| r.status().as_u16()).unwrap_or(0) };
 
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -122,5 +120,4 @@ async fn fanout_started_before_the_stream_exists_waits_for_ingest_to_create_it()
     wait_until("ready once the stream exists", || async { readyz().await == 200 }).await;
     let mut stream = events.stream().await;
     assert_eq!(stream.info().await.unwrap().config.duplicate_window, Duration::from_secs(42));
-    server.abort();
 }

@@ -3,17 +3,13 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use clap::Parser;
 use futures::StreamExt;
-use ingest::config::ServeConfig;
-use ingest::startup::Application;
 use secrecy::SecretString;
 use serde_json::Value;
 use shared::claims::JwtKeys;
 use shared::envelope::Envelope;
 use shared::subjects::Subjects;
 use sqlx::PgPool;
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use testkit::{NatsServer, StreamGuard, TestDatabase, admin_database_url, create_database, nats_url};
@@ -23,6 +19,8 @@ pub const JWT_SECRET: &str = "test-jwt-secret";
 
 /// The server under test and handles on what it writes to.
 pub struct TestApp {
+    /// First, so that it is told to stop before the database and stream are removed.
+    service: testkit::service::Service,
     pub address: String,
     pub port: u16,
     /// A direct connection pool to the test's own database.
@@ -37,8 +35,6 @@ pub struct TestApp {
     pub subjects: Subjects,
     pub client: reqwest::Client,
     pub jwt: JwtKeys,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 /// Settings a test may change before the app starts.
@@ -65,12 +61,6 @@ fn with_port(url: &str, port: Option<u16>) -> String {
     url.to_string()
 }
 
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    config: ServeConfig,
-}
-
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(Options::default()).await
 }
@@ -82,8 +72,6 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let stream_name = format!("TEST_{id}");
     let prefix = format!("test{id}.events");
     let mut args = vec![
-        "ingest".to_owned(),
-        "--listen=127.0.0.1:0".to_owned(),
         format!("--webhook-secret={WEBHOOK_SECRET}"),
         format!("--jwt-secret={JWT_SECRET}"),
         format!("--database-url={}", with_port(database_url, options.database_port)),
@@ -94,13 +82,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         "--database-acquire-timeout-ms=1500".to_owned(),
     ];
     args.extend(options.extra_args);
-    let config = Args::try_parse_from(args).expect("test configuration parses").config;
-    let app = Application::build(config).await.expect("ingest builds");
-    let port = app.port();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let service = testkit::service::ingest(&args).await;
+    let port = service.port;
 
     let nats = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
@@ -119,8 +102,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         subjects: Subjects::new(prefix).unwrap(),
         client: reqwest::Client::new(),
         jwt: JwtKeys::new(&SecretString::from(JWT_SECRET)),
-        stop: Some(stop),
-        server: Some(server),
+        service,
     }
 }
 
@@ -231,24 +213,7 @@ impl TestApp {
 
     /// Stops the server gracefully; `true` when it finished within `within`, cleanly.
     pub async fn stop(&mut self, within: Duration) -> bool {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.server.take() {
-            Some(server) => matches!(tokio::time::timeout(within, server).await, Ok(Ok(Ok(())))),
-            None => true,
-        }
-    }
-}
-
-impl Drop for TestApp {
-    /// Stops the server; the `database` and `_stream` fields then remove the test's
-    /// database and stream, so repeated runs leave nothing behind on the shared NATS
-    /// and PostgreSQL.
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.service.stop(within).await
     }
 }
 
