@@ -26,6 +26,32 @@ pub enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
+impl From<crate::store::StoreError> for ApiError {
+    /// A write refused for its data is the request's fault (400); anything else is the
+    /// relay's, for now (503: retry).
+    fn from(error: crate::store::StoreError) -> Self {
+        match error {
+            crate::store::StoreError::Rejected { reason } => Self::BadRequest(reason),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::BytesRejection) -> Self {
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            _ => Self::BadRequest(rejection.body_text()),
+        }
+    }
+}
+
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {

@@ -22,7 +22,7 @@ use crate::payload::{AccountStatusDelivery, MessagingEvent, MessagingEventKind};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::post;
@@ -138,10 +138,7 @@ where
 {
     let started = Instant::now();
     let result = async {
-        let body = body.map_err(|rejection| match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-            _ => ApiError::BadRequest(rejection.body_text()),
-        })?;
+        let body = body?;
         let decision = match sanitize::parse(&body) {
             Ok((value, repaired)) => {
                 if repaired {
@@ -151,7 +148,8 @@ where
                     Ok(decision) => decision,
                     // Refused alone for its data: a retry would be refused again.
                     Err(StoreError::Rejected { reason }) => Decision::DeadLetter(reason),
-                    Err(e) => return Err(store_error(e)),
+                    // Transient: 503, so Unipile retries.
+                    Err(e) => return Err(ApiError::Unavailable(e.to_string())),
                 }
             }
             Err(e) => Decision::DeadLetter(format!("body is not JSON: {e}")),
@@ -177,10 +175,6 @@ where
     };
     crate::metrics::webhook_answered(endpoint, outcome, Some(started.elapsed()));
     result.map(|status| Json(Ack { status }))
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    ApiError::Unavailable(e.to_string())
 }
 
 async fn handle_messaging(state: AppState, value: Value) -> Result<Decision, StoreError> {

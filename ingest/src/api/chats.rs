@@ -12,7 +12,6 @@ use super::cursor::Cursor;
 use super::{ErrorBody, page_limit};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::StoreError;
 use crate::store::Write;
 use crate::store::chats::MarkRead;
 use crate::store::views::{CHAT_COLUMNS, ChatRecord};
@@ -59,7 +58,7 @@ pub async fn list(
     caller: Caller,
     query: Result<Query<ChatsQuery>, QueryRejection>,
 ) -> Result<Json<ChatPage>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Query(query) = query?;
     let limit = page_limit(query.limit)?;
     let after = query.cursor.as_deref().map(Cursor::decode).transpose()?;
     if query.account_id.as_deref().is_some_and(|account| !caller.allows(account)) {
@@ -114,12 +113,7 @@ pub async fn mark_read(
     Path(chat_id): Path<String>,
 ) -> Result<Json<ChatRecord>, ApiError> {
     visible_chat(&state.db, &caller, &chat_id).await?;
-    state.batcher.submit(Write::MarkRead(MarkRead { chat_id: chat_id.clone() })).await.map_err(
-        |e| match e {
-            StoreError::Rejected { reason } => ApiError::BadRequest(reason),
-            e => ApiError::Unavailable(e.to_string()),
-        },
-    )?;
+    state.batcher.submit(Write::MarkRead(MarkRead { chat_id: chat_id.clone() })).await?;
     visible_chat(&state.db, &caller, &chat_id).await.map(Json)
 }
 

@@ -56,7 +56,7 @@ pub async fn list(
     Path(chat_id): Path<String>,
     query: Result<Query<MessagesQuery>, QueryRejection>,
 ) -> Result<Json<MessagePage>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let Query(query) = query?;
     let limit = page_limit(query.limit)?;
     let before = query.before.as_deref().map(Cursor::decode).transpose()?;
     if before.as_ref().is_some_and(|c| c.at.is_none()) {
