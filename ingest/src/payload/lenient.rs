@@ -16,7 +16,7 @@ pub fn bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error
     Ok(value_as_bool(&Value::deserialize(deserializer)?).unwrap_or(false))
 }
 
-/// Like [`bool`] but keeps "absent or unrecognised" apart from `false`.
+/// Like [`bool()`] but keeps "absent or unrecognised" apart from `false`.
 pub fn opt_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
     Ok(value_as_bool(&Value::deserialize(deserializer)?))
 }
