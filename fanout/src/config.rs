@@ -95,6 +95,10 @@ pub struct Config {
     /// Recent events kept in memory to serve resumes without reading JetStream.
     #[arg(long, env = "FANOUT_REPLAY_WINDOW", default_value_t = 10_000)]
     pub replay_window: usize,
+    /// Most bytes of events that window holds (events may be up to NATS's max_payload
+    /// each): whichever of the two limits is reached first drops the oldest events.
+    #[arg(long, env = "FANOUT_WINDOW_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub window_bytes: usize,
     /// Most stream sequences a resume may reach back through JetStream: a `since`
     /// further behind than this (and older than the window) gets `recovered: false`,
     /// and the client reloads by REST.

@@ -55,7 +55,7 @@ impl Application {
         let listener = bind(config.listen)?;
         let client = config.nats.connect("fanout").await?;
         let js = async_nats::jetstream::new(client.clone());
-        let hub = Hub::new(config.queue_capacity, config.replay_window);
+        let hub = Hub::with_window_bytes(config.queue_capacity, config.replay_window, config.window_bytes);
         let status = Arc::new(FollowerStatus::default());
         let follower = Follower {
             client: client.clone(),

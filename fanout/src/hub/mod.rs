@@ -51,6 +51,8 @@ struct Inner {
     /// Every event with a sequence in `(window_base, head]`, oldest first.
     window: VecDeque<SharedEvent>,
     window_base: u64,
+    /// Bytes of the events in the window.
+    window_bytes: usize,
     /// Connections that see every account.
     all: HashMap<u64, Entry>,
     /// Connections by account they may see.
@@ -62,22 +64,37 @@ pub struct Hub {
     inner: Mutex<Inner>,
     queue_capacity: usize,
     window_capacity: usize,
+    /// Most bytes of events the window holds (events are up to NATS's max_payload).
+    window_max_bytes: usize,
     next_id: AtomicU64,
 }
 
 impl Hub {
+    /// A hub whose window holds at most `window_capacity` events, whatever their size.
     pub fn new(queue_capacity: usize, window_capacity: usize) -> Arc<Self> {
+        Self::with_window_bytes(queue_capacity, window_capacity, usize::MAX)
+    }
+
+    /// A hub whose window holds at most `window_capacity` events and `window_max_bytes`
+    /// bytes of them, whichever is reached first.
+    pub fn with_window_bytes(
+        queue_capacity: usize,
+        window_capacity: usize,
+        window_max_bytes: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 started: false,
                 head: 0,
                 window: VecDeque::new(),
                 window_base: 0,
+                window_bytes: 0,
                 all: HashMap::new(),
                 by_account: HashMap::new(),
             }),
             queue_capacity: queue_capacity.max(1),
             window_capacity,
+            window_max_bytes,
             next_id: AtomicU64::new(1),
         })
     }
@@ -149,7 +166,7 @@ impl Hub {
         if event.seq <= inner.head {
             return;
         }
-        inner.advance(&event, self.window_capacity);
+        inner.advance(&event, self.window_capacity, self.window_max_bytes);
         if inner.started {
             // Not the events read to fill the window before the replica opens.
             metrics::event_in();
@@ -193,6 +210,7 @@ impl Hub {
         inner.all.clear();
         inner.by_account.clear();
         inner.window.clear();
+        inner.window_bytes = 0;
         inner.started = true;
         inner.head = head;
         inner.window_base = head;

@@ -21,6 +21,7 @@ impl Hub {
             inner.head = base;
             inner.window_base = base;
             inner.window.clear();
+            inner.window_bytes = 0;
         }
     }
 
@@ -77,8 +78,8 @@ impl Hub {
 
 impl Inner {
     /// Moves `head` to a new event and keeps it in the window, dropping the oldest
-    /// beyond `capacity`.
-    pub(super) fn advance(&mut self, event: &SharedEvent, capacity: usize) {
+    /// beyond `capacity` events or `max_bytes` bytes.
+    pub(super) fn advance(&mut self, event: &SharedEvent, capacity: usize, max_bytes: usize) {
         if !self.started && self.window.is_empty() {
             // Prefilling: the window starts at the first event the stream still had.
             self.window_base = event.seq - 1;
@@ -86,10 +87,11 @@ impl Inner {
         self.head = event.seq;
         if capacity > 0 {
             self.window.push_back(event.clone());
-            while self.window.len() > capacity {
-                if let Some(old) = self.window.pop_front() {
-                    self.window_base = old.seq;
-                }
+            self.window_bytes += event.text.len();
+            while self.window.len() > capacity || self.window_bytes > max_bytes {
+                let Some(old) = self.window.pop_front() else { break };
+                self.window_bytes -= old.text.len();
+                self.window_base = old.seq;
             }
         } else {
             self.window_base = event.seq;
@@ -124,6 +126,24 @@ mod tests {
         assert_eq!(seqs(hub.register(Scope::All, Some(13)).unwrap()), Some(vec![]));
         assert_eq!(seqs(hub.register(Scope::All, Some(10)).unwrap()), None, "13 - 2 events back is 11");
         assert_eq!(seqs(hub.register(Scope::All, Some(14)).unwrap()), None, "the future is not in memory");
+    }
+
+    #[test]
+    fn the_window_also_stops_at_its_byte_budget() {
+        // Each test event is `{"seq":NN}`: 10 bytes for two-digit sequences.
+        let hub = Hub::with_window_bytes(8, 100, 25);
+        hub.prefill_from(10);
+        hub.start();
+        for seq in 11..=15 {
+            hub.publish(event(seq, "a"));
+        }
+        let seqs = |reg: Registration| reg.backlog.map(|b| b.iter().map(|e| e.seq).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(hub.register(Scope::All, Some(13)).unwrap()),
+            Some(vec![14, 15]),
+            "two fit in 25 bytes"
+        );
+        assert_eq!(seqs(hub.register(Scope::All, Some(12)).unwrap()), None, "13 was dropped for its bytes");
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub fn config(url: &str, events: &Events) -> Config {
         heartbeat_secs: 30,
         write_timeout_secs: 10,
         replay_window: 10_000,
+        window_bytes: 64 << 20,
         max_resume_gap: 100_000,
         max_client_message: 4096,
         follow_heartbeat_ms: 500,
