@@ -86,8 +86,9 @@ impl IntoResponse for ApiError {
                 "internal error".to_owned()
             }
             Self::Unavailable(reason) => {
+                // The reason may name database internals: logged, never answered.
                 tracing::warn!(reason = %reason, "answering 503");
-                self.to_string()
+                "temporarily unavailable; retry later".to_owned()
             }
             other => other.to_string(),
         };

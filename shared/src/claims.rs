@@ -51,6 +51,8 @@ impl JwtKeys {
         let bytes = secret.expose_secret().as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        // A token not valid yet is refused too (jsonwebtoken checks `nbf` only if asked).
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Self {
             encoding: EncodingKey::from_secret(bytes),
@@ -93,6 +95,18 @@ mod tests {
 
     fn keys(secret: &str) -> JwtKeys {
         JwtKeys::new(&SecretString::from(secret))
+    }
+
+    #[test]
+    fn a_token_not_valid_before_a_future_time_is_refused() {
+        let k = keys("a-secret-of-at-least-thirty-two-bytes!!");
+        let now = chrono::Utc::now().timestamp();
+        let sign = |nbf: i64| {
+            let claims = serde_json::json!({"sub": "u", "exp": now + 600, "nbf": nbf, "accounts": ["*"]});
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap()
+        };
+        assert!(matches!(k.verify(&sign(now + 60)), Err(TokenError::Invalid(_))), "nbf in the future");
+        assert!(k.verify(&sign(now - 60)).is_ok(), "nbf in the past");
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub struct ChatPage {
         (status = 404, description = "`account_id` is not one of the token's accounts", body = ErrorBody),
     )
 )]
-#[tracing::instrument(skip_all, fields(sub = %caller.0.sub), err)]
+#[tracing::instrument(skip_all, fields(sub = %caller.0.sub), err(level = "debug"))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -106,7 +106,7 @@ pub async fn list(
         (status = 503, description = "The relay cannot save right now; retry", body = ErrorBody),
     )
 )]
-#[tracing::instrument(skip_all, fields(sub = %caller.0.sub, chat_id = %chat_id), err)]
+#[tracing::instrument(skip_all, fields(sub = %caller.0.sub, chat_id = %chat_id), err(level = "debug"))]
 pub async fn mark_read(
     State(state): State<AppState>,
     caller: Caller,

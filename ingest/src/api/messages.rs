@@ -49,7 +49,7 @@ pub struct MessagePage {
         (status = 404, description = "No such chat among the token's accounts", body = ErrorBody),
     )
 )]
-#[tracing::instrument(skip_all, fields(sub = %caller.0.sub, chat_id = %chat_id), err)]
+#[tracing::instrument(skip_all, fields(sub = %caller.0.sub, chat_id = %chat_id), err(level = "debug"))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,

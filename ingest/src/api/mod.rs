@@ -44,6 +44,15 @@ pub fn router() -> Router<AppState> {
 /// CORS for the browser origins allowed to call the REST API (none when the list is
 /// empty). Origins that are not valid header values are left out with a warning.
 pub fn cors(origins: &[String]) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(3600));
+    if origins.iter().any(|o| o.trim() == "*") {
+        // Any origin: safe only because the API takes bearer tokens, never cookies, so a
+        // page can call it only with a token it was given.
+        return layer.allow_origin(AllowOrigin::any());
+    }
     let allowed: Vec<HeaderValue> = origins
         .iter()
         .map(|o| o.trim())
@@ -56,11 +65,7 @@ pub fn cors(origins: &[String]) -> CorsLayer {
             }
         })
         .collect();
-    CorsLayer::new()
-        .allow_origin(AllowOrigin::list(allowed))
-        .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-        .max_age(Duration::from_secs(3600))
+    layer.allow_origin(AllowOrigin::list(allowed))
 }
 
 /// The page size asked for: default 50, at most 200, at least 1.
@@ -86,6 +91,31 @@ mod tests {
         assert_eq!(page_limit(Some(7)).unwrap(), 7);
         assert_eq!(page_limit(Some(5000)).unwrap(), 200);
         assert!(matches!(page_limit(Some(0)), Err(ApiError::BadRequest(_))));
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_cors_origin_allows_any_origin_instead_of_panicking() {
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route("/x", axum::routing::get(|| async { "ok" }))
+            .layer(cors(&["https://a.example".into(), "*".into()]));
+        let request = axum::http::Request::get("/x")
+            .header("origin", "https://anywhere.example")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    }
+
+    #[tokio::test]
+    async fn a_503_names_no_database_detail() {
+        let response =
+            ApiError::Unavailable("database error: password authentication failed".into()).into_response();
+        assert_eq!(response.status(), 503);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body.error.code, "unavailable");
+        assert!(!body.error.message.contains("password"), "{}", body.error.message);
     }
 
     #[tokio::test]
