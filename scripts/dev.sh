@@ -18,6 +18,8 @@ ADMIN_DATABASE_URL="${ADMIN_DATABASE_URL:-${DATABASE_URL:-postgres://postgres@12
 DEV_DATABASE="${DEV_DATABASE:-relay_dev}"
 export DATABASE_URL="${DEV_DATABASE_URL:-${ADMIN_DATABASE_URL%/*}/${DEV_DATABASE}}"
 export NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
+# Development mode: the short, documented secrets below are accepted (never in production).
+export RELAY_DEV=1
 export WEBHOOK_SECRET="${WEBHOOK_SECRET:-dev-webhook-secret}"
 export JWT_SECRET="${JWT_SECRET:-dev-jwt-secret}"
 export INGEST_LISTEN="${INGEST_LISTEN:-127.0.0.1:8000}"

@@ -17,7 +17,7 @@ use clap::CommandFactory;
 use yaml_serde::Value;
 
 /// Variables our binaries read outside clap (tracing's filter).
-const NON_CLAP_ENV: &[&str] = &["RUST_LOG"];
+const NON_CLAP_ENV: &[&str] = &["RUST_LOG", "RELAY_DEV"];
 /// The image every relay service runs.
 const RELAY_IMAGE: &str = "unipile-relay:latest";
 
@@ -51,7 +51,11 @@ fn strings(value: Option<&Value>) -> Vec<String> {
     }
 }
 
-/// `${VAR:-default}` / `${VAR-default}` → default, `${VAR}` → a placeholder.
+/// What a variable without a default stands for: long enough to pass as a secret.
+const SET_BY_OPERATOR: &str = "set-by-operator-0123456789abcdef01234567";
+
+/// `${VAR:-default}` / `${VAR-default}` → default, `${VAR}` and `${VAR:?message}` → a
+/// placeholder.
 fn interpolate(value: &str) -> String {
     let mut out = String::new();
     let mut rest = value;
@@ -59,8 +63,12 @@ fn interpolate(value: &str) -> String {
         out.push_str(&rest[..start]);
         let end = rest[start..].find('}').expect("unterminated ${") + start;
         let inner = &rest[start + 2..end];
-        let default = inner.split_once(":-").or_else(|| inner.split_once('-')).map(|(_, d)| d);
-        out.push_str(default.unwrap_or("set-by-operator"));
+        // `${VAR:?message}` has no default: the operator must set it.
+        let default = match inner.split_once(":?") {
+            Some(_) => None,
+            None => inner.split_once(":-").or_else(|| inner.split_once('-')).map(|(_, d)| d),
+        };
+        out.push_str(default.unwrap_or(SET_BY_OPERATOR));
         rest = &rest[end + 1..];
     }
     out.push_str(rest);
@@ -268,7 +276,8 @@ fn gateway_routes_match_the_ports_the_services_listen_on() {
 #[test]
 fn interpolation_takes_defaults() {
     assert_eq!(interpolate("a${X:-b}c${Y-d}"), "abcd");
-    assert_eq!(interpolate("${X}"), "set-by-operator");
+    assert_eq!(interpolate("${X}"), SET_BY_OPERATOR);
+    assert_eq!(interpolate("${X:?set X, e.g. openssl rand -hex 32}"), SET_BY_OPERATOR, "no default");
 }
 
 /// Every variable the services read, by the services' own clap definitions.

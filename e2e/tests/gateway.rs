@@ -200,7 +200,7 @@ mod rolling_restart {
 
     use super::Gateway;
 
-    const SECRET: &str = "gateway-test-secret";
+    const SECRET: &str = "gateway-test-secret-0123456789abcdef012";
     type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
     /// A fanout replica on `port`; stops (closing its sockets with 1012) when dropped

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use runtime::config::{NatsArgs, TelemetryArgs, parse_secret};
+use runtime::config::{NatsArgs, TelemetryArgs, parse_strong_secret};
 use secrecy::SecretString;
 
 /// `fanout` with no subcommand serves; `fanout token` mints a token for trying it out.
@@ -74,7 +74,7 @@ pub struct Config {
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     /// HS256 secret that signs client tokens (the same one ingest uses). Required.
-    #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", value_parser = parse_strong_secret, hide_env_values = true)]
     pub jwt_secret: SecretString,
     /// Address the HTTP and WebSocket server listens on.
     #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8001")]
@@ -139,7 +139,7 @@ impl Config {
 #[derive(Debug, Clone, Args)]
 pub struct TokenArgs {
     /// HS256 secret that signs client tokens. Required.
-    #[arg(long, env = "JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", value_parser = parse_strong_secret, hide_env_values = true)]
     pub jwt_secret: SecretString,
     /// Subject (`sub` claim) of the token.
     #[arg(long, default_value = "dev")]
@@ -158,16 +158,29 @@ mod tests {
 
     #[test]
     fn plain_fanout_with_flags_means_serve() {
-        let cli =
-            Cli::try_parse_with_default(["fanout", "--jwt-secret", "s", "--listen", "127.0.0.1:9"]).unwrap();
+        let cli = Cli::try_parse_with_default([
+            "fanout",
+            "--jwt-secret",
+            "a-fanout-unit-test-secret-of-32-bytes",
+            "--listen",
+            "127.0.0.1:9",
+        ])
+        .unwrap();
         let Command::Serve(config) = cli.command else { panic!("expected serve") };
         assert_eq!(config.listen.port(), 9);
     }
 
     #[test]
     fn the_token_subcommand_is_not_mistaken_for_serve() {
-        let cli = Cli::try_parse_with_default(["fanout", "token", "--jwt-secret", "s", "--accounts", "a,b"])
-            .unwrap();
+        let cli = Cli::try_parse_with_default([
+            "fanout",
+            "token",
+            "--jwt-secret",
+            "a-fanout-unit-test-secret-of-32-bytes",
+            "--accounts",
+            "a,b",
+        ])
+        .unwrap();
         let Command::Token(args) = cli.command else { panic!("expected token") };
         assert_eq!(args.accounts, vec!["a", "b"]);
     }

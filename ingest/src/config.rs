@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
-use runtime::config::{NatsArgs, TelemetryArgs, parse_secret};
+use runtime::config::{NatsArgs, TelemetryArgs, parse_secret, parse_strong_secret};
 use secrecy::SecretString;
 
 /// `ingest serve` option for the start-up catch-up.
@@ -106,10 +106,10 @@ pub struct ServeConfig {
     #[arg(long, env = "INGEST_LISTEN", default_value = "0.0.0.0:8000")]
     pub listen: SocketAddr,
     /// Expected value of the `Unipile-Auth` header on webhooks. Required.
-    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_strong_secret)]
     pub webhook_secret: SecretString,
     /// HS256 secret of client tokens (the same as fanout's). Required.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_strong_secret)]
     pub jwt_secret: SecretString,
     /// Public base URL Unipile calls, e.g. https://relay.example.com. Unset: no webhook
     /// registration at start-up.

@@ -8,7 +8,7 @@ use shared::subjects::Subjects;
 use testkit::service::Service;
 use testkit::{StreamGuard, nats_url};
 
-const SECRET: &str = "loadgen-resume-test-secret";
+const SECRET: &str = "loadgen-resume-test-secret-0123456789abcdef";
 
 /// A fanout replica on a free port; stops when dropped.
 async fn start_fanout(stream: &str, prefix: &str, window: usize) -> Service {

@@ -17,6 +17,36 @@ pub fn parse_secret(value: &str) -> Result<SecretString, String> {
     }
 }
 
+/// The shortest secret the relay's own secrets (`WEBHOOK_SECRET`, `JWT_SECRET`) may be.
+pub const MIN_SECRET_BYTES: usize = 32;
+/// Set to `1` (as `scripts/dev.sh` does) to accept short or documented secrets, for
+/// development only.
+pub const DEV_ENV: &str = "RELAY_DEV";
+/// Values the documentation and examples show: public, so never accepted outside
+/// development.
+const DOCUMENTED_SECRETS: &[&str] =
+    &["change-me-webhook-secret", "change-me-jwt-secret", "dev-webhook-secret", "dev-jwt-secret"];
+
+/// Parses one of the relay's own secrets: at least [`MIN_SECRET_BYTES`] and not a value
+/// the documentation shows, unless [`DEV_ENV`] is `1`.
+pub fn parse_strong_secret(value: &str) -> Result<SecretString, String> {
+    let secret = parse_secret(value)?;
+    if std::env::var(DEV_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+        return Ok(secret);
+    }
+    let how = format!("generate one with `openssl rand -hex 32` (or set {DEV_ENV}=1 for development)");
+    if DOCUMENTED_SECRETS.contains(&value.trim()) {
+        return Err(format!("is the documented example, which anyone can read; {how}"));
+    }
+    if value.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "must be at least {MIN_SECRET_BYTES} bytes (this one has {}); {how}",
+            value.len()
+        ));
+    }
+    Ok(secret)
+}
+
 /// Where NATS is and which stream and subjects the relay uses.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
@@ -69,4 +99,19 @@ pub struct TelemetryArgs {
     /// Log format: `text` for people, `json` for log collectors. Filter with RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Development mode (`RELAY_DEV=1`) is tested through a binary: setting the
+    /// variable here would be `unsafe`.
+    #[test]
+    fn the_relays_secrets_are_long_and_not_the_documented_ones() {
+        assert!(parse_strong_secret("0123456789abcdef0123456789abcdef").is_ok());
+        assert!(parse_strong_secret("0123456789abcdef0123456789abcde").unwrap_err().contains("at least 32"));
+        assert!(parse_strong_secret("change-me-jwt-secret").unwrap_err().contains("documented example"));
+        assert!(parse_strong_secret("   ").is_err());
+    }
 }

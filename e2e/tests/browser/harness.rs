@@ -18,8 +18,8 @@ pub use testkit::nats_url;
 use testkit::service::Service;
 use testkit::{StreamGuard, TestDatabase, create_database};
 
-pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret";
-pub const JWT_SECRET: &str = "e2e-jwt-secret";
+pub const WEBHOOK_SECRET: &str = "e2e-webhook-secret-0123456789abcdef0123";
+pub const JWT_SECRET: &str = "e2e-jwt-secret-0123456789abcdef01234567";
 
 /// Chromium's flags for a headless run on a shared CI machine.
 const CHROMIUM_FLAGS: &[&str] = &[

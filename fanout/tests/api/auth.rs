@@ -65,3 +65,22 @@ async fn a_refused_upgrade_answers_the_error_body_both_services_share() {
     assert_eq!(body.error.code, "unauthorized");
     assert_eq!(body.error.message, "invalid token", "the lower-case scheme was read, the token refused");
 }
+
+#[test]
+fn a_documented_secret_signs_nothing_outside_development() {
+    let token = |dev: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fanout"));
+        command.env_clear().args(["token", "--jwt-secret", "dev-jwt-secret", "--accounts", "*"]);
+        if dev {
+            command.env("RELAY_DEV", "1");
+        }
+        command.output().expect("fanout runs")
+    };
+    let refused = token(false);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("documented example") && stderr.contains("RELAY_DEV=1"), "{stderr}");
+    let accepted = token(true);
+    assert!(accepted.status.success(), "{}", String::from_utf8_lossy(&accepted.stderr));
+    assert_eq!(String::from_utf8_lossy(&accepted.stdout).trim().split('.').count(), 3, "a JWT");
+}

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const SECRET: &str = "fanout-test-secret";
+pub const SECRET: &str = "fanout-test-secret-0123456789abcdef0123";
 /// How long any single expectation may take.
 pub const WAIT: Duration = Duration::from_secs(15);
 

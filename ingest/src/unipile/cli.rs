@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Args, Subcommand};
-use runtime::config::parse_secret;
+use runtime::config::parse_strong_secret;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -66,7 +66,7 @@ pub struct EnsureArgs {
     pub webhook_base_url: String,
     /// Secret Unipile sends back in the `Unipile-Auth` header; the same value ingest
     /// serve checks.
-    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_strong_secret)]
     pub webhook_secret: SecretString,
     /// Optional PostgreSQL URL: when set, takes the same lock as starting replicas so
     /// the command never races them.

@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 pub use testkit::{NatsServer, StreamGuard, TestDatabase, admin_database_url, create_database, nats_url};
 
-pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
-pub const JWT_SECRET: &str = "test-jwt-secret";
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret-0123456789abcdef01";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef012345";
 
 /// The server under test and handles on what it writes to.
 pub struct TestApp {

@@ -4,13 +4,16 @@ use std::process::Command;
 
 use crate::helpers::spawn_app;
 
+/// A secret long enough to be accepted.
+const STRONG: &str = "startup-test-secret-0123456789abcdef0123";
+
 fn ingest_without(missing: &str) -> std::process::Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
     command
         .env_clear()
         .env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-        .env("WEBHOOK_SECRET", "s")
-        .env("JWT_SECRET", "j")
+        .env("WEBHOOK_SECRET", STRONG)
+        .env("JWT_SECRET", STRONG)
         .env("INGEST_LISTEN", "127.0.0.1:0")
         .env_remove(missing);
     command.output().expect("ingest runs")
@@ -27,12 +30,30 @@ fn ingest_refuses_to_start_without_its_secrets_and_names_them() {
 }
 
 #[test]
+fn short_or_documented_secrets_are_refused_with_how_to_make_one() {
+    for (secret, says) in [("short", "at least 32 bytes"), ("change-me-webhook-secret", "documented example")]
+    {
+        let output = Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .env_clear()
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+            .env("WEBHOOK_SECRET", secret)
+            .env("JWT_SECRET", STRONG)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "started with WEBHOOK_SECRET={secret}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("WEBHOOK_SECRET") && stderr.contains(says), "{stderr}");
+        assert!(stderr.contains("openssl rand -hex 32"), "{stderr}");
+    }
+}
+
+#[test]
 fn an_empty_secret_is_refused_too() {
     let output = Command::new(env!("CARGO_BIN_EXE_ingest"))
         .env_clear()
         .env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
         .env("WEBHOOK_SECRET", "  ")
-        .env("JWT_SECRET", "j")
+        .env("JWT_SECRET", STRONG)
         .output()
         .unwrap();
     assert!(!output.status.success());

@@ -84,7 +84,7 @@ async fn unipile_command_webhooks_ensure_creates_then_reuses() {
         ("UNIPILE_DSN", dsn.as_str()),
         ("UNIPILE_API_KEY", API_KEY),
         ("WEBHOOK_BASE_URL", BASE),
-        ("WEBHOOK_SECRET", "cli-secret"),
+        ("WEBHOOK_SECRET", "cli-secret-0123456789abcdef0123456789ab"),
     ];
     let first = ingest(&["webhooks", "ensure", "--json"], &env).await;
     assert_success(&first);
@@ -111,7 +111,7 @@ async fn unipile_command_webhooks_ensure_takes_the_lock_when_given_a_database() 
         ("UNIPILE_DSN", dsn.as_str()),
         ("UNIPILE_API_KEY", API_KEY),
         ("WEBHOOK_BASE_URL", BASE),
-        ("WEBHOOK_SECRET", "cli-secret"),
+        ("WEBHOOK_SECRET", "cli-secret-0123456789abcdef0123456789ab"),
         ("DATABASE_URL", database.url.as_str()),
     ];
     let (a, b) = tokio::join!(ingest(&["webhooks", "ensure"], &env), ingest(&["webhooks", "ensure"], &env));
