@@ -28,6 +28,8 @@ INGEST_URL="http://${INGEST_LISTEN}"
 PAGE_URL="http://${FANOUT_LISTEN}"
 # The page is served by fanout and calls ingest's REST API on another port.
 export CORS_ORIGINS="${CORS_ORIGINS:-${PAGE_URL},http://localhost:${FANOUT_LISTEN##*:}}"
+# ...and the page may send its token to ingest's origin (a link naming another is ignored).
+export FANOUT_PAGE_API_ORIGINS="${FANOUT_PAGE_API_ORIGINS:-${INGEST_URL},http://localhost:${INGEST_LISTEN##*:}}"
 export RUST_LOG="${RUST_LOG:-info}"
 SIMULATE="${SIMULATE:-1}"
 SIMULATE_RATE="${SIMULATE_RATE:-1}"

@@ -92,6 +92,11 @@ pub struct Config {
     /// Seconds one write to a client may take before the client counts as too slow.
     #[arg(long, env = "FANOUT_WRITE_TIMEOUT_SECS", default_value_t = 10)]
     pub write_timeout_secs: u64,
+    /// Origins the inbox page may send its token to for the REST API, besides its own
+    /// (ingest on another port in development, say), comma-separated. A link's `?api=`
+    /// naming any other origin is ignored: a crafted link cannot send the token away.
+    #[arg(long, env = "FANOUT_PAGE_API_ORIGINS", value_delimiter = ',')]
+    pub page_api_origins: Vec<String>,
     /// Recent events kept in memory to serve resumes without reading JetStream.
     #[arg(long, env = "FANOUT_REPLAY_WINDOW", default_value_t = 10_000)]
     pub replay_window: usize,

@@ -34,6 +34,8 @@ pub struct Application {
     state: AppState,
     follower: Follower,
     shutdown_grace: Duration,
+    /// Rendered into the inbox page.
+    page_api_origins: Vec<String>,
 }
 
 impl Application {
@@ -90,7 +92,8 @@ impl Application {
             follower: status,
             nats: client,
         };
-        Ok(Self { listener, state, follower, shutdown_grace: config.shutdown_grace() })
+        let shutdown_grace = config.shutdown_grace();
+        Ok(Self { listener, state, follower, shutdown_grace, page_api_origins: config.page_api_origins })
     }
 
     pub fn port(&self) -> u16 {
@@ -104,8 +107,8 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Self { listener, state, follower, shutdown_grace } = self;
-        let app = router(state.clone());
+        let Self { listener, state, follower, shutdown_grace, page_api_origins } = self;
+        let app = router(state.clone(), &page_api_origins);
         let cancel = state.ctx.shutdown.clone();
         let stop = cancel.clone();
         let server = tokio::spawn(
@@ -164,11 +167,11 @@ fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Every route with tracing.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, page_api_origins: &[String]) -> Router {
     Router::new()
         .merge(ws::router())
         .merge(health::router())
-        .merge(page::router())
+        .merge(page::router(page_api_origins))
         // Spans name the path only: the query may carry a client token.
         .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
             tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())

@@ -56,8 +56,11 @@ impl Relay {
         let id = Uuid::new_v4().simple().to_string();
         let stream_name = format!("E2E_{id}");
         let prefix = format!("e2e{id}.events");
-        // fanout first: ingest's CORS must allow the page's origin.
-        let (fanout, fanout_port) = start_fanout(0, &stream_name, &prefix, &[]).await;
+        // Each names the other: ingest's CORS allows the page's origin, and the page may
+        // send its token to ingest's. ingest's port is picked first, fanout started first.
+        let ingest_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let ingest_url = format!("http://127.0.0.1:{ingest_port}");
+        let (fanout, fanout_port) = start_fanout(0, &stream_name, &prefix, &ingest_url, &[]).await;
         let database = create_database("e2e").await;
         let database_url = &database.url;
         let args = [
@@ -68,10 +71,10 @@ impl Relay {
             format!("--stream-name={stream_name}"),
             format!("--subject-prefix={prefix}"),
             format!("--cors-origins=http://127.0.0.1:{fanout_port}"),
+            format!("--listen=127.0.0.1:{ingest_port}"),
             "--outbox-sweep-ms=200".to_owned(),
         ];
         let ingest = testkit::service::ingest(&args).await;
-        let ingest_url = ingest.url("");
         let relay = Self {
             ingest_url,
             fanout_port,
@@ -122,7 +125,8 @@ impl Relay {
 
     /// Same, with more flags for the new replica.
     pub async fn restart_fanout_with(&mut self, flags: &[&str]) {
-        let (fanout, port) = start_fanout(self.fanout_port, &self.stream_name, &self.prefix, flags).await;
+        let (fanout, port) =
+            start_fanout(self.fanout_port, &self.stream_name, &self.prefix, &self.ingest_url, flags).await;
         assert_eq!(port, self.fanout_port);
         self.fanout = fanout;
         self.wait_ready(&format!("{}/readyz", self.fanout_url())).await;
@@ -191,8 +195,15 @@ fn chrono_now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-async fn start_fanout(port: u16, stream_name: &str, prefix: &str, flags: &[&str]) -> (Service, u16) {
+async fn start_fanout(
+    port: u16,
+    stream_name: &str,
+    prefix: &str,
+    ingest_url: &str,
+    flags: &[&str],
+) -> (Service, u16) {
     let args = [
+        format!("--page-api-origins={ingest_url}"),
         format!("--listen=127.0.0.1:{port}"),
         format!("--jwt-secret={JWT_SECRET}"),
         format!("--nats-url={}", nats_url()),

@@ -243,3 +243,51 @@ async fn the_page_loads_older_messages_and_more_chats_past_the_first_hundred() {
     browser.close().await;
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_link_sends_no_request_and_no_token_to_another_origin() {
+    let relay = Relay::start().await;
+    relay.post_message("accLink", "chatLink", "Only for the right eyes").await;
+    // The attacker's host: a listener that counts every connection made to it.
+    let evil = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    evil.set_nonblocking(true).unwrap();
+    let evil_url = format!("http://127.0.0.1:{}", evil.local_addr().unwrap().port());
+
+    let browser = Browser::start().await;
+    let page = format!("{}/?api={evil_url}&ws={}&token={}", relay.fanout_url(), evil_url, relay.token());
+    browser.client.goto(&page).await.expect("the page loads");
+    browser
+        .wait_until(
+            "the socket opens on the page's own origin",
+            "document.getElementById('status').dataset.state === 'open'",
+            WAIT,
+        )
+        .await;
+    // Typing the attacker's origin into the API field is refused too.
+    browser.eval(&format!("(document.getElementById('api').value = {evil_url:?}, document.getElementById('save').click(), 1)")).await;
+    let refused = "document.getElementById('status').textContent.includes('not allowed')";
+    browser.wait_until("the page refuses the typed origin", refused, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut connections = 0;
+    while evil.accept().is_ok() {
+        connections += 1;
+    }
+    assert_eq!(connections, 0, "the page connected to the link's origin");
+    let stored = browser.eval("localStorage.getItem('relay.api') ?? ''").await;
+    assert!(
+        !stored.as_str().unwrap_or_default().contains(&evil_url),
+        "the link's origin was stored: {stored}"
+    );
+
+    // The operator's own listed origin (ingest's, in this harness) still works.
+    let page =
+        format!("{}/?api={}&token={}&chat=chatLink", relay.fanout_url(), relay.ingest_url, relay.token());
+    browser.client.goto(&page).await.expect("the page loads");
+    browser
+        .wait_until("history through the listed API", &messages_show("Only for the right eyes"), WAIT)
+        .await;
+
+    browser.close().await;
+    relay.shutdown().await;
+}

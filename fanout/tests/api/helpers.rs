@@ -112,6 +112,7 @@ pub fn config(url: &str, events: &Events) -> Config {
         queue_capacity: 256,
         heartbeat_secs: 30,
         write_timeout_secs: 10,
+        page_api_origins: Vec::new(),
         replay_window: 10_000,
         window_bytes: 64 << 20,
         max_resume_gap: 100_000,
