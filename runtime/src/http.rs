@@ -5,7 +5,9 @@
 //! client that opens a connection and sends half a request line holds a socket (and one
 //! of a process's 20,000 files here) forever, and enough of them lock everyone out
 //! before the WebSocket connection limit or the request timeout ever sees them. This is
-//! the same loop built on hyper-util with a timer and that deadline; the rest matches
+//! the same loop built on hyper-util with a timer and that deadline, counted from the
+//! accept (hyper's own starts at the first byte), and HTTP/2 keep-alive pings and a
+//! stream cap; the rest matches
 //! axum's: HTTP/1 with upgrades (WebSockets) and HTTP/2, and graceful shutdown that
 //! stops accepting, lets in-flight requests finish and leaves upgraded connections to
 //! their owners.
@@ -21,9 +23,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 
-/// How long a client may take to send a request's headers (also the wait for the
-/// next request on an idle keep-alive connection).
+/// How long a client may take to send a request's headers, counted from the accept
+/// (also the wait for the next request on an idle keep-alive connection).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// HTTP/2: a ping this often on a quiet connection, and the connection closed when the
+/// answer takes longer than this.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// HTTP/2: streams one connection may have open at once.
+const H2_MAX_STREAMS: u32 = 256;
 
 /// Options of [`serve`].
 #[derive(Debug, Clone, Copy)]
@@ -50,8 +57,15 @@ pub async fn serve(
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(options.header_read_timeout);
-    // HTTP/2 WebSockets (RFC 8441), as axum enables them.
-    builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
+    // HTTP/2 WebSockets (RFC 8441), as axum enables them; dead peers found by pings.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .keep_alive_timeout(H2_KEEP_ALIVE)
+        .max_concurrent_streams(H2_MAX_STREAMS);
+    let builder = std::sync::Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -73,7 +87,7 @@ pub async fn serve(
 }
 
 fn serve_connection(
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &std::sync::Arc<auto::Builder<TokioExecutor>>,
     graceful: &GracefulShutdown,
     tcp: TcpStream,
     router: Router,
@@ -84,12 +98,19 @@ fn serve_connection(
     {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
-    let connection =
-        builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(router));
-    let connection = graceful.watch(connection.into_owned());
+    let (builder, watcher) = (builder.clone(), graceful.watcher());
     tokio::spawn(async move {
+        // hyper's header deadline starts at the first byte: a connection that never
+        // sends one would hold its socket forever. It gets the same deadline from the
+        // accept, and is closed unserved.
+        match tokio::time::timeout(options.header_read_timeout, tcp.peek(&mut [0u8; 1])).await {
+            Ok(Ok(read)) if read > 0 => {}
+            _ => return,
+        }
+        let connection =
+            builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(router));
         // Clients that time out, reset or send garbage end here; nothing to report.
-        if let Err(error) = connection.await {
+        if let Err(error) = watcher.watch(connection.into_owned()).await {
             tracing::trace!(error = %error, "connection ended with an error");
         }
     });
@@ -172,5 +193,15 @@ mod tests {
         stop.send(()).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting after shutdown");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_sends_a_byte_is_closed_at_the_header_deadline() {
+        let (addr, _stop) = start(Duration::from_millis(300)).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let answer = read_all(&mut silent).await;
+        assert!(answer.is_empty(), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
     }
 }
