@@ -27,11 +27,16 @@ pub const DEV_ENV: &str = "RELAY_DEV";
 const DOCUMENTED_SECRETS: &[&str] =
     &["change-me-webhook-secret", "change-me-jwt-secret", "dev-webhook-secret", "dev-jwt-secret"];
 
+/// Whether [`DEV_ENV`] asks for development mode.
+pub fn dev_mode() -> bool {
+    std::env::var(DEV_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
 /// Parses one of the relay's own secrets: at least [`MIN_SECRET_BYTES`] and not a value
 /// the documentation shows, unless [`DEV_ENV`] is `1`.
 pub fn parse_strong_secret(value: &str) -> Result<SecretString, String> {
     let secret = parse_secret(value)?;
-    if std::env::var(DEV_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+    if dev_mode() {
         return Ok(secret);
     }
     let how = format!("generate one with `openssl rand -hex 32` (or set {DEV_ENV}=1 for development)");

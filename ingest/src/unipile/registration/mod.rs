@@ -75,11 +75,22 @@ impl fmt::Debug for WebhookSettings {
 }
 
 impl WebhookSettings {
-    /// `base_url` is the public URL of ingest (`WEBHOOK_BASE_URL`), http or https.
+    /// `base_url` is the public URL of ingest (`WEBHOOK_BASE_URL`): https, or http for
+    /// a loopback host or in development (`RELAY_DEV=1`), since Unipile sends the
+    /// webhook secret to it on every delivery.
     pub fn new(base_url: &str, secret: SecretString) -> Result<Self, String> {
         let url = Url::parse(base_url.trim()).map_err(|e| format!("{base_url:?} is not a URL: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("{base_url:?} must start with https:// (or http://)"));
+        }
+        let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        let loopback =
+            host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if url.scheme() == "http" && !loopback && !runtime::config::dev_mode() {
+            return Err(format!(
+                "{base_url:?} would carry the webhook secret in clear: use https:// (http:// only for a \
+                 loopback host, or with RELAY_DEV=1)"
+            ));
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(format!("{base_url:?} must not carry a query or fragment"));
@@ -306,6 +317,16 @@ mod tests {
                 d.headers.contains(&WebhookHeader { key: "Unipile-Auth".into(), value: "s3cr3t".into() })
             );
         }
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_the_host_is_loopback() {
+        let new = |url: &str| WebhookSettings::new(url, SecretString::from("x".to_owned()));
+        assert!(new("http://relay.example.com").unwrap_err().contains("in clear"));
+        assert!(new("http://127.0.0.1:8000").is_ok());
+        assert!(new("http://localhost:8000").is_ok());
+        assert!(new("http://[::1]:8000").is_ok());
+        assert!(new("https://relay.example.com").is_ok());
     }
 
     #[test]
