@@ -1,4 +1,5 @@
-//! The `ingest` command line: `serve` (the default), `webhooks ...` and `sync`.
+//! The `ingest` command line: `serve` (the default), `webhooks ...`, `sync` and
+//! `dead-letters ...`.
 //!
 //! It sits on top of everything else: the service's configuration lives in
 //! [`crate::config`], the Unipile commands' in [`crate::unipile::cli`].
@@ -52,4 +53,6 @@ pub enum Command {
     /// --account, every account in the database and every account Unipile lists under
     /// the API key is backfilled.
     Sync(Box<unipile::cli::SyncCommand>),
+    /// List, replay or prune the deliveries the relay kept but could not use.
+    DeadLetters(crate::dead_letters::DeadLettersCommand),
 }

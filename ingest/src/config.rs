@@ -119,6 +119,9 @@ pub struct ServeConfig {
     /// webhook after 30 s, so the default answers before that.
     #[arg(long, env = "INGEST_REQUEST_TIMEOUT_SECS", default_value_t = 25)]
     pub request_timeout_secs: u64,
+    /// Dead letters older than this many days are deleted, hourly (0: kept forever).
+    #[arg(long, env = "DEAD_LETTER_RETENTION_DAYS", default_value_t = 30)]
+    pub dead_letter_retention_days: u64,
     /// Largest webhook body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "WEBHOOK_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub webhook_max_body_bytes: usize,

@@ -14,6 +14,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod dead_letters;
 pub mod error;
 pub mod health;
 pub mod inbound;

@@ -16,6 +16,10 @@ async fn main() -> anyhow::Result<()> {
             runtime::telemetry::init_tracing(runtime::config::LogFormat::Text);
             ingest::unipile::cli::run_webhooks(command).await
         }
+        Command::DeadLetters(command) => {
+            runtime::telemetry::init_tracing(runtime::config::LogFormat::Text);
+            ingest::dead_letters::run(command).await
+        }
         Command::Sync(command) => {
             runtime::telemetry::init_tracing(runtime::config::LogFormat::Text);
             ingest::unipile::cli::run_sync(*command).await

@@ -71,6 +71,25 @@ impl Application {
         };
         let relay = Relay::new(db.clone(), nats.clone(), stream, config.outbox.clone(), wake_relay);
         tasks.spawn(relay.run(stop_background.clone()));
+        if config.dead_letter_retention_days > 0 {
+            let (db, days) = (db.clone(), config.dead_letter_retention_days.min(100_000) as i64);
+            let stop = stop_background.clone();
+            tasks.spawn(async move {
+                let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+                loop {
+                    tokio::select! {
+                        _ = hourly.tick() => {},
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                    let before = chrono::Utc::now() - chrono::Duration::days(days);
+                    match crate::store::dead_letters::prune(&db, before).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(deleted = n, days, "pruned old dead letters"),
+                        Err(e) => tracing::warn!(error = %e, "pruning dead letters failed"),
+                    }
+                }
+            });
+        }
         // Webhook registration and the optional history catch-up: they retry while
         // Unipile is away and end when done, so they run beside the supervised tasks.
         crate::unipile::spawn_start_up_tasks(&config, db.clone());

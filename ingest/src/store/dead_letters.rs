@@ -23,3 +23,10 @@ pub async fn insert(
         .await?;
     Ok(())
 }
+
+/// Deletes the dead letters received before `before`; returns how many.
+pub async fn prune(pool: &PgPool, before: chrono::DateTime<chrono::Utc>) -> Result<u64, sqlx::Error> {
+    let done =
+        sqlx::query("delete from dead_letters where created_at < $1").bind(before).execute(pool).await?;
+    Ok(done.rows_affected())
+}

@@ -123,6 +123,11 @@ pub fn message_received(account_id: &str, chat_id: &str, is_sender: bool) -> Val
 }
 
 impl TestApp {
+    /// The test database's URL, for commands run against it.
+    pub fn database_url(&self) -> &str {
+        &self.database.url
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
