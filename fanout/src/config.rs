@@ -82,6 +82,10 @@ pub struct Config {
     /// Most WebSocket connections this replica holds; more are refused with 503.
     #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Most WebSocket connections one token subject (`sub`) holds on this replica; more
+    /// are refused with 429, so one user or one leaked token cannot take every slot.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_SUB", default_value_t = 100)]
+    pub max_connections_per_sub: usize,
     /// Events queued per connection before the client counts as too slow and is closed
     /// (code 4000), so one slow reader never holds anybody else up.
     #[arg(long, env = "FANOUT_QUEUE_CAPACITY", default_value_t = 256)]

@@ -18,6 +18,9 @@ pub enum ApiError {
     /// The connection limit of this replica is reached.
     #[error("too many connections on this replica")]
     TooManyConnections,
+    /// The token's subject holds as many connections as it may.
+    #[error("too many connections for this token's subject")]
+    TooManyForSubject,
     /// The follower has not found the stream yet, or the server is stopping.
     #[error("not ready, try another replica")]
     NotReady,
@@ -31,6 +34,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections"),
+            ApiError::TooManyForSubject => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections_for_token"),
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Upgrade(rejection) => (rejection.status(), "not_a_websocket_upgrade"),
         };

@@ -7,6 +7,8 @@
 //! - `fanout_frames_out_total` (counter): event frames written to clients.
 //! - `fanout_slow_consumer_closes_total` (counter): clients closed for not reading.
 //! - `fanout_closes_total{reason}` (counter): every server-initiated close by reason.
+//! - `fanout_refused_total{reason}` (counter): upgrades refused before they began
+//!   (`per_sub`: the token's subject holds as many connections as it may).
 //! - `fanout_resumes_total{outcome}`: `memory`, `stream`, `gone` (recovered false:
 //!   the stream no longer holds it), `too_far` (recovered false: further back than
 //!   `FANOUT_MAX_RESUME_GAP`), `failed`.
@@ -62,6 +64,11 @@ pub fn frames_out(n: u64) {
 
 pub fn delivery_lag(seconds: f64) {
     handles().lag.record(seconds);
+}
+
+/// An upgrade refused before it began (`fanout_refused_total{reason}`).
+pub fn refused(reason: &'static str) {
+    counter!("fanout_refused_total", "reason" => reason).increment(1);
 }
 
 pub fn closed(reason: &'static str) {

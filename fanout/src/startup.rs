@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::follower::{Follower, FollowerStatus};
 use crate::history::History;
 use crate::hub::Hub;
-use crate::state::{AppState, ConnectionContext, Limits, Slots};
+use crate::state::{AppState, ConnectionContext, Limits, Slots, SubSlots};
 use crate::{health, page, ws};
 
 /// Pending connections the listener queues while the server accepts.
@@ -88,6 +88,7 @@ impl Application {
             keys: Arc::new(JwtKeys::new(&config.jwt_secret)),
             ctx: Arc::new(ctx),
             slots: Slots::new(max_connections),
+            per_sub: SubSlots::new(config.max_connections_per_sub.max(1)),
             tracker: TaskTracker::new(),
             follower: status,
             nats: client,

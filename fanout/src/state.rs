@@ -20,6 +20,8 @@ pub struct AppState {
     pub ctx: Arc<ConnectionContext>,
     /// Connection slots of this replica, so one replica never takes more than it can hold.
     pub slots: Arc<Slots>,
+    /// The same, per token subject.
+    pub per_sub: Arc<SubSlots>,
     /// Counts connection tasks so shutdown waits for their close frames.
     pub tracker: TaskTracker,
     /// Whether the follower is following, for `/readyz`.
@@ -92,9 +94,62 @@ impl Drop for Slot {
     }
 }
 
+/// Open connections per token subject, each up to a ceiling.
+#[derive(Debug)]
+pub struct SubSlots {
+    used: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    max: usize,
+}
+
+/// One subject's taken slot, given back when dropped.
+#[derive(Debug)]
+pub struct SubSlot(Arc<SubSlots>, String);
+
+impl SubSlots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { used: Default::default(), max })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.used.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn try_acquire(self: &Arc<Self>, sub: &str) -> Option<SubSlot> {
+        let mut used = self.lock();
+        let count = used.entry(sub.to_owned()).or_insert(0);
+        (*count < self.max).then(|| {
+            *count += 1;
+            SubSlot(self.clone(), sub.to_owned())
+        })
+    }
+}
+
+impl Drop for SubSlot {
+    fn drop(&mut self) {
+        let mut used = self.0.lock();
+        if let Some(count) = used.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                used.remove(&self.1);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_subject_has_its_own_ceiling() {
+        let slots = SubSlots::new(2);
+        let a1 = slots.try_acquire("a").unwrap();
+        let _a2 = slots.try_acquire("a").unwrap();
+        assert!(slots.try_acquire("a").is_none());
+        assert!(slots.try_acquire("b").is_some(), "another subject is not affected");
+        drop(a1);
+        assert!(slots.try_acquire("a").is_some());
+    }
 
     #[test]
     fn slots_run_out_at_the_limit_and_come_back_when_dropped() {

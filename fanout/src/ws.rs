@@ -71,6 +71,10 @@ async fn upgrade(
     if ctx.hub.head().is_none() || ctx.shutdown.is_cancelled() {
         return Err(ApiError::NotReady);
     }
+    let Some(sub_slot) = state.per_sub.try_acquire(&claims.sub) else {
+        metrics::refused("per_sub");
+        return Err(ApiError::TooManyForSubject);
+    };
     let slot = state.slots.try_acquire().ok_or(ApiError::TooManyConnections)?;
     let task = state.tracker.token();
     let limits = ctx.limits;
@@ -82,6 +86,7 @@ async fn upgrade(
         .max_frame_size(limits.hard_client_message)
         .on_upgrade(move |socket| async move {
             let _slot = slot;
+            let _sub_slot = sub_slot;
             let _task = task;
             serve(ctx, socket, claims, since).await;
         }))

@@ -152,13 +152,13 @@ where
         bail!("--connections is capped at 100000");
     }
     let addr = loopback_target(&target.url).await?;
-    let url = url_with_token(target);
+    let tokens = Tokens::new(target);
     let gate = Arc::new(Semaphore::new(target.concurrency.max(1)));
     let mut handshakes = tokio::task::JoinSet::new();
     for i in 0..target.connections {
         let source = source_address(target, i);
         let permit = gate.clone().acquire_owned().await.expect("semaphore is never closed");
-        let url = url.clone();
+        let url = tokens.url(i);
         handshakes.spawn(async move {
             let result = tokio::time::timeout(Duration::from_secs(30), open(&url, source, addr)).await;
             drop(permit);
@@ -195,11 +195,26 @@ async fn open(url: &str, source: SocketAddr, addr: SocketAddr) -> anyhow::Result
     open_with_hello(url, source, addr).await.map(|(ws, _)| ws)
 }
 
-/// A signed token for the target's accounts and `target.url` with it appended.
-pub fn url_with_token(target: &Target) -> String {
-    let keys = JwtKeys::new(&SecretString::from(target.jwt_secret.clone()));
-    let token = keys.issue("loadgen", target.accounts.clone(), Duration::from_secs(24 * 3600));
-    format!("{}{}token={token}", target.url, if target.url.contains('?') { '&' } else { '?' })
+/// Signs the tokens of a run's clients: one subject per client, as real users have,
+/// so fanout's per-subject connection cap sees many users, not one.
+pub struct Tokens {
+    keys: JwtKeys,
+    accounts: Vec<String>,
+    url: String,
+}
+
+impl Tokens {
+    pub fn new(target: &Target) -> Self {
+        let keys = JwtKeys::new(&SecretString::from(target.jwt_secret.clone()));
+        Self { keys, accounts: target.accounts.clone(), url: target.url.clone() }
+    }
+
+    /// `target.url` with the `i`-th client's token (subject `loadgen-{i}`) appended.
+    pub fn url(&self, i: usize) -> String {
+        let token =
+            self.keys.issue(&format!("loadgen-{i}"), self.accounts.clone(), Duration::from_secs(24 * 3600));
+        format!("{}{}token={token}", self.url, if self.url.contains('?') { '&' } else { '?' })
+    }
 }
 
 /// The loopback source address of the `i`-th connection.

@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::idle::{Target, Ws, loopback_target, open_with_hello, source_address, url_with_token};
+use crate::idle::{Target, Tokens, Ws, loopback_target, open_with_hello, source_address};
 use crate::publish::{CHAT, PublishArgs, Publisher};
 use crate::report::{self, CpuTime};
 
@@ -88,7 +88,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_url = format!("http://{addr}/metrics");
     let resumes_before = resume_outcomes(&metrics_url).await;
     let cpu_before = args.pid.map(|pid| CpuTime::of(&pid.to_string())).transpose()?;
-    let url = format!("{}&since={since}", url_with_token(&args.target));
+    let tokens = Tokens::new(&args.target);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout.min(600));
     let gate = Arc::new(Semaphore::new(args.target.concurrency.max(1)));
     let missed = expected.len();
@@ -96,7 +96,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..args.target.connections {
         let permit = gate.clone().acquire_owned().await.expect("semaphore is never closed");
-        let (url, source, expected) = (url.clone(), source_address(&args.target, i), expected.clone());
+        let url = format!("{}&since={since}", tokens.url(i));
+        let (source, expected) = (source_address(&args.target, i), expected.clone());
         clients.spawn(async move {
             let opened = Instant::now();
             let hello = tokio::time::timeout_at(deadline, open_with_hello(&url, source, addr)).await;

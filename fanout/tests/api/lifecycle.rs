@@ -42,6 +42,23 @@ async fn connections_beyond_the_replica_limit_are_refused_with_503() {
 }
 
 #[tokio::test]
+async fn one_subject_beyond_its_connection_limit_is_refused_with_429_and_others_are_not() {
+    let app = spawn_app_with(|c| c.max_connections_per_sub = 2).await;
+    let as_sub =
+        |sub: &str| crate::helpers::keys().issue(sub, vec!["*".into()], std::time::Duration::from_secs(600));
+    let (_a1, _) = app.connect_hello(&as_sub("alice"), None).await;
+    let (a2, _) = app.connect_hello(&as_sub("alice"), None).await;
+    assert_eq!(app.try_connect(&app.ws_url(Some(&as_sub("alice")), None)).await.err(), Some(429));
+    let (_b, _) = app.connect_hello(&as_sub("bob"), None).await;
+    assert!(app.counter("fanout_refused_total{reason=\"per_sub\"}").await >= 1);
+    drop(a2);
+    crate::helpers::wait_until("alice's slot to free up", || async {
+        app.try_connect(&app.ws_url(Some(&as_sub("alice")), None)).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn shutdown_closes_every_socket_with_1012() {
     let mut app = spawn_app().await;
     let (mut a, _) = app.connect_hello(&token(&["*"]), None).await;

@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::idle::{Target, loopback_target, open_with_hello, source_address, url_with_token};
+use crate::idle::{Target, Tokens, loopback_target, open_with_hello, source_address};
 use crate::report::{self, now_us};
 use crate::webhooks::{self, Answer, Ingest};
 use clients::{ClientLog, follow, lock};
@@ -122,18 +122,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         concurrency: args.clients,
     };
     let addr = loopback_target(&target.url).await?;
-    let url = url_with_token(&target);
+    let tokens = Tokens::new(&target);
     let mut logs = Vec::with_capacity(args.clients);
     let mut readers = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let source = source_address(&target, i);
+        let url = tokens.url(i);
         let (ws, hello) = tokio::time::timeout(Duration::from_secs(10), open_with_hello(&url, source, addr))
             .await
             .context("timed out opening a WebSocket client")?
             .with_context(|| format!("opening WebSocket client {i} to {}", args.ws_url))?;
         let log = Arc::new(Mutex::new(ClientLog::default()));
         lock(&log).hello(&hello);
-        readers.push(tokio::spawn(follow(ws, url.clone(), source, addr, log.clone())));
+        readers.push(tokio::spawn(follow(ws, url, source, addr, log.clone())));
         logs.push(log);
     }
 
