@@ -65,7 +65,14 @@ async fn with_the_database_unreachable_webhooks_get_503_and_nothing_is_half_writ
         let (status, body) = app.post_message(&lost).await;
         assert_eq!(status, 503, "{body}");
         assert_eq!(body["error"]["code"], "unavailable");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("database") && !message.contains("pool"), "no internals: {message}");
     }
+    // The answer names the request, for the logs.
+    let response = app.post_raw("/api/webhooks/unipile/messages", "application/json", lost.to_string()).await;
+    assert_eq!(response.status(), 503);
+    let id = response.headers().get("x-request-id").expect("a request id").to_str().unwrap();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
     let id = lost["message_id"].as_str().unwrap();
     let message_rows: i64 = sqlx::query_scalar("select count(*) from messages where id = $1")
         .bind(id)
