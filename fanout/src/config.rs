@@ -76,6 +76,8 @@ pub struct Config {
     /// HS256 secret that signs client tokens (the same one ingest uses). Required.
     #[arg(long, env = "JWT_SECRET", value_parser = parse_strong_secret, hide_env_values = true)]
     pub jwt_secret: SecretString,
+    #[command(flatten)]
+    pub jwt_claims: runtime::config::JwtClaimsArgs,
     /// Address the HTTP and WebSocket server listens on.
     #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8001")]
     pub listen: SocketAddr,
@@ -150,6 +152,8 @@ pub struct TokenArgs {
     /// HS256 secret that signs client tokens. Required.
     #[arg(long, env = "JWT_SECRET", value_parser = parse_strong_secret, hide_env_values = true)]
     pub jwt_secret: SecretString,
+    #[command(flatten)]
+    pub jwt_claims: runtime::config::JwtClaimsArgs,
     /// Subject (`sub` claim) of the token.
     #[arg(long, default_value = "dev")]
     pub sub: String,

@@ -85,7 +85,10 @@ impl Application {
             shutdown: CancellationToken::new(),
         };
         let state = AppState {
-            keys: Arc::new(JwtKeys::new(&config.jwt_secret)),
+            keys: Arc::new(JwtKeys::new(&config.jwt_secret).with_issuer_and_audience(
+                config.jwt_claims.jwt_issuer.clone(),
+                config.jwt_claims.jwt_audience.clone(),
+            )),
             ctx: Arc::new(ctx),
             slots: Slots::new(max_connections),
             per_sub: SubSlots::new(config.max_connections_per_sub.max(1)),

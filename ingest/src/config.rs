@@ -111,6 +111,8 @@ pub struct ServeConfig {
     /// HS256 secret of client tokens (the same as fanout's). Required.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = parse_strong_secret)]
     pub jwt_secret: SecretString,
+    #[command(flatten)]
+    pub jwt_claims: runtime::config::JwtClaimsArgs,
     /// Public base URL Unipile calls, e.g. https://relay.example.com. Unset: no webhook
     /// registration at start-up.
     #[arg(long, env = "WEBHOOK_BASE_URL")]

@@ -99,7 +99,10 @@ impl Application {
             db,
             batcher,
             webhook_secret: config.webhook_secret.clone(),
-            jwt: JwtKeys::new(&config.jwt_secret),
+            jwt: JwtKeys::new(&config.jwt_secret).with_issuer_and_audience(
+                config.jwt_claims.jwt_issuer.clone(),
+                config.jwt_claims.jwt_audience.clone(),
+            ),
             nats,
             metrics: runtime::telemetry::metrics_handle(),
         };

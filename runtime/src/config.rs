@@ -52,6 +52,18 @@ pub fn parse_strong_secret(value: &str) -> Result<SecretString, String> {
     Ok(secret)
 }
 
+/// Optional `iss` and `aud` of client tokens; when set, both services require and check
+/// them, and the tokens they issue carry them.
+#[derive(Debug, Clone, Default, Args)]
+pub struct JwtClaimsArgs {
+    /// The `iss` every client token must carry (unset: not checked).
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The `aud` every client token must carry (unset: not checked).
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
 /// Where NATS is and which stream and subjects the relay uses.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {

@@ -1,4 +1,5 @@
-//! Client tokens: HS256 JWTs with `sub`, `exp` and `accounts`.
+//! Client tokens: HS256 JWTs with `sub`, `exp` and `accounts` (and `iss`, `aud` when the
+//! operator configures them: then they are required and checked).
 //!
 //! The same token opens a WebSocket on fanout and calls ingest's REST API. `accounts`
 //! lists the Unipile account ids the holder may see; `["*"]` means all of them.
@@ -16,6 +17,10 @@ pub struct Claims {
     /// Expiry, seconds since the Unix epoch.
     pub exp: i64,
     pub accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
 
 impl Claims {
@@ -44,6 +49,8 @@ pub struct JwtKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    issuer: Option<String>,
+    audience: Option<String>,
 }
 
 impl JwtKeys {
@@ -53,11 +60,15 @@ impl JwtKeys {
         validation.leeway = 0;
         // A token not valid yet is refused too (jsonwebtoken checks `nbf` only if asked).
         validation.validate_nbf = true;
+        // `aud` is checked only when configured ([`JwtKeys::with_issuer_and_audience`]).
+        validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Self {
             encoding: EncodingKey::from_secret(bytes),
             decoding: DecodingKey::from_secret(bytes),
             validation,
+            issuer: None,
+            audience: None,
         }
     }
 
@@ -78,7 +89,27 @@ impl JwtKeys {
     /// A token for `sub` valid for `ttl` from now.
     pub fn issue(&self, sub: &str, accounts: Vec<String>, ttl: std::time::Duration) -> String {
         let exp = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
-        self.sign(&Claims { sub: sub.to_owned(), exp, accounts })
+        let (iss, aud) = (self.issuer.clone(), self.audience.clone());
+        self.sign(&Claims { sub: sub.to_owned(), exp, accounts, iss, aud })
+    }
+
+    /// Requires and checks `iss` and `aud` when given (`JWT_ISSUER`, `JWT_AUDIENCE`);
+    /// tokens this side issues carry them.
+    pub fn with_issuer_and_audience(mut self, issuer: Option<String>, audience: Option<String>) -> Self {
+        let mut required = vec!["exp", "sub"];
+        if let Some(issuer) = &issuer {
+            self.validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        if let Some(audience) = &audience {
+            self.validation.validate_aud = true;
+            self.validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        self.validation.set_required_spec_claims(&required);
+        self.issuer = issuer;
+        self.audience = audience;
+        self
     }
 }
 
@@ -95,6 +126,21 @@ mod tests {
 
     fn keys(secret: &str) -> JwtKeys {
         JwtKeys::new(&SecretString::from(secret))
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_are_required_and_checked() {
+        let secret = "a-secret-of-at-least-thirty-two-bytes!!";
+        let strict = || keys(secret).with_issuer_and_audience(Some("relay".into()), Some("inbox".into()));
+        let good = strict().issue("u", vec!["*".into()], Duration::from_secs(60));
+        assert!(strict().verify(&good).is_ok());
+        let plain = keys(secret).issue("u", vec!["*".into()], Duration::from_secs(60));
+        assert!(matches!(strict().verify(&plain), Err(TokenError::Invalid(_))), "no iss/aud");
+        let other = keys(secret)
+            .with_issuer_and_audience(Some("elsewhere".into()), Some("inbox".into()))
+            .issue("u", vec!["*".into()], Duration::from_secs(60));
+        assert!(matches!(strict().verify(&other), Err(TokenError::Invalid(_))), "wrong iss");
+        assert!(keys(secret).verify(&good).is_ok(), "unconfigured, iss and aud are not required");
     }
 
     #[test]
@@ -128,8 +174,13 @@ mod tests {
     #[test]
     fn an_expired_token_is_refused() {
         let k = keys("s");
-        let token =
-            k.sign(&Claims { sub: "u".into(), exp: chrono::Utc::now().timestamp() - 5, accounts: vec![] });
+        let token = k.sign(&Claims {
+            sub: "u".into(),
+            exp: chrono::Utc::now().timestamp() - 5,
+            accounts: vec![],
+            iss: None,
+            aud: None,
+        });
         assert_eq!(k.verify(&token), Err(TokenError::Expired));
     }
 
@@ -152,7 +203,7 @@ mod tests {
 
     #[test]
     fn the_wildcard_sees_every_account() {
-        let c = Claims { sub: "u".into(), exp: 0, accounts: vec!["*".into()] };
+        let c = Claims { sub: "u".into(), exp: 0, accounts: vec!["*".into()], iss: None, aud: None };
         assert!(c.allows("anything") && c.sees_all());
     }
 }

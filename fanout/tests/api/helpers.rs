@@ -107,6 +107,7 @@ pub fn config(url: &str, events: &Events) -> Config {
         },
         telemetry: TelemetryArgs { log_format: LogFormat::Text },
         jwt_secret: SecretString::from(SECRET),
+        jwt_claims: Default::default(),
         listen: "127.0.0.1:0".parse().unwrap(),
         max_connections: 1000,
         max_connections_per_sub: 100,
@@ -369,5 +370,7 @@ pub fn expired_token() -> String {
         sub: "u".into(),
         exp: chrono::Utc::now().timestamp() - 60,
         accounts: vec!["*".into()],
+        iss: None,
+        aud: None,
     })
 }

@@ -74,6 +74,8 @@ async fn calls_without_a_valid_token_get_401_with_the_error_body() {
         sub: "u".into(),
         exp: chrono::Utc::now().timestamp() - 10,
         accounts: vec!["*".into()],
+        iss: None,
+        aud: None,
     });
     let foreign = shared::claims::JwtKeys::new(&"another-secret".to_owned().into()).issue(
         "u",
