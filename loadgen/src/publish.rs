@@ -12,9 +12,9 @@ use shared::subjects::Subjects;
 /// The chat of every event loadgen publishes; clients recognise them by it.
 pub const CHAT: &str = "chat_loadgen";
 
-/// Where and what to publish.
+/// Where the relay's stream is: `loadgen stream` creates it, the publishers use it.
 #[derive(Debug, clap::Args)]
-pub struct PublishArgs {
+pub struct StreamArgs {
     /// NATS server the relay's stream lives on.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
@@ -25,6 +25,13 @@ pub struct PublishArgs {
     /// creates it); an existing one is used as it is.
     #[arg(long, env = "STREAM_NAME", default_value = "RELAY_EVENTS")]
     pub stream_name: String,
+}
+
+/// Where and what to publish.
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub stream: StreamArgs,
     /// Account the published events belong to.
     #[arg(long, default_value = "acc_loadgen")]
     pub account: String,
@@ -33,27 +40,26 @@ pub struct PublishArgs {
     pub payload_bytes: usize,
 }
 
-/// `loadgen stream`: which stream to create.
-#[derive(Debug, clap::Args)]
-pub struct StreamArgs {
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    #[arg(long, env = "SUBJECT_PREFIX", default_value = "relay.events")]
-    pub subject_prefix: String,
-    #[arg(long, env = "STREAM_NAME", default_value = "RELAY_EVENTS")]
-    pub stream_name: String,
-}
-
-/// Creates the relay's stream as ingest would, if it is missing.
-pub async fn create_stream(args: StreamArgs) -> anyhow::Result<()> {
+/// Connects to the NATS server of `args` (refusing one not on this machine) and makes
+/// sure the stream exists, as ingest would create it.
+async fn open_stream(
+    args: &StreamArgs,
+) -> anyhow::Result<(async_nats::Client, jetstream::Context, Subjects)> {
     let subjects = Subjects::new(args.subject_prefix.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     nats_is_loopback(&args.nats_url).await?;
     let client = async_nats::connect(args.nats_url.as_str())
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
-    let spec = StreamSpec::with_defaults(args.stream_name.clone(), subjects);
-    create_if_missing(&jetstream::new(client), &spec).await?;
-    println!("stream {} captures {}", args.stream_name, spec.subjects.all());
+    let js = jetstream::new(client.clone());
+    let spec = StreamSpec::with_defaults(args.stream_name.clone(), subjects.clone());
+    create_if_missing(&js, &spec).await.context("creating the relay's stream")?;
+    Ok((client, js, subjects))
+}
+
+/// Creates the relay's stream as ingest would, if it is missing.
+pub async fn create_stream(args: StreamArgs) -> anyhow::Result<()> {
+    let (_, _, subjects) = open_stream(&args).await?;
+    println!("stream {} captures {}", args.stream_name, subjects.all());
     Ok(())
 }
 
@@ -69,14 +75,7 @@ pub struct Publisher {
 impl Publisher {
     /// Connects, refusing any NATS server that is not on this machine.
     pub async fn connect(args: &PublishArgs) -> anyhow::Result<Self> {
-        let subjects = Subjects::new(args.subject_prefix.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        nats_is_loopback(&args.nats_url).await?;
-        let client = async_nats::connect(args.nats_url.as_str())
-            .await
-            .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
-        let js = jetstream::new(client.clone());
-        let spec = StreamSpec::with_defaults(args.stream_name.clone(), subjects.clone());
-        create_if_missing(&js, &spec).await.context("creating the relay's stream")?;
+        let (client, js, subjects) = open_stream(&args.stream).await?;
         Ok(Self {
             js,
             client,

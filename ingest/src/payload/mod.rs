@@ -228,11 +228,12 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn fixture(name: &str) -> Value {
+    /// A payload from `fixtures/unipile/` (shared with the API types' tests).
+    pub(crate) fn fixture(name: &str) -> Value {
         let path = format!("{}/../fixtures/unipile/{name}", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         serde_json::from_str(&text).expect("fixture is JSON")

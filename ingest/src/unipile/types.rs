@@ -193,13 +193,8 @@ fn string_or_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payload::tests::fixture;
     use serde_json::json;
-
-    fn fixture(name: &str) -> Value {
-        let path = format!("{}/../fixtures/unipile/{name}", env!("CARGO_MANIFEST_DIR"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        serde_json::from_str(&text).expect("fixture is JSON")
-    }
 
     #[test]
     fn webhook_list_fixture_reads_with_headers_and_events() {
