@@ -46,6 +46,26 @@ pub struct UnipileArgs {
     pub unipile_api_key: Option<SecretString>,
 }
 
+/// Replies and new chats sent through Unipile (`POST /api/chats/{chat_id}/messages`,
+/// `POST /api/chats`).
+#[derive(Debug, Clone, Args)]
+pub struct ReplyArgs {
+    /// How long a send waits for Unipile's answer, in seconds; then the reply is marked
+    /// failed (`timeout`) and answered 504. Sends are never retried (Unipile's send is not
+    /// idempotent). Keep it under INGEST_REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "REPLY_SEND_TIMEOUT_SECS", default_value_t = 15)]
+    pub reply_send_timeout_secs: u64,
+    /// Largest reply request in bytes (JSON, or multipart with its files); larger gets 413.
+    #[arg(long, env = "REPLY_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub reply_max_body_bytes: usize,
+}
+
+impl ReplyArgs {
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs(self.reply_send_timeout_secs.max(1))
+    }
+}
+
 /// Group commit of webhook writes.
 #[derive(Debug, Clone, Args)]
 pub struct BatchArgs {
@@ -138,6 +158,8 @@ pub struct ServeConfig {
     pub unipile: UnipileArgs,
     #[command(flatten)]
     pub catch_up: CatchUpArgs,
+    #[command(flatten)]
+    pub reply: ReplyArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]

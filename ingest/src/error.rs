@@ -17,6 +17,19 @@ pub enum ApiError {
     BadRequest(String),
     #[error("request body is over the size limit")]
     PayloadTooLarge,
+    /// The request is well-formed but its content cannot be used (an empty text, say).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The request conflicts with an earlier one (an idempotency key reused).
+    #[error("{0}")]
+    Conflict(String),
+    /// A feature this deployment has not configured (sending without UNIPILE_DSN).
+    #[error("{0}")]
+    NotConfigured(String),
+    /// Unipile refused, failed or did not answer a send: the status says which
+    /// (429 rate limited, with `Retry-After`; 502; 504).
+    #[error("{message}")]
+    Upstream { status: StatusCode, code: &'static str, message: String, retry_after: Option<u64> },
     /// The relay cannot save right now (database down, writers saturated): retry later.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
@@ -59,6 +72,10 @@ impl ApiError {
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
+            Self::Upstream { status, code, .. } => (*status, code),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             // Refused for what the request carried (a U+0000 in a cursor, say): the
             // same request would be refused again.
@@ -92,9 +109,15 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
+        let retry_after = match &self {
+            Self::Upstream { retry_after, .. } => *retry_after,
+            Self::NotConfigured(_) => None,
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(5),
+            _ => None,
+        };
         let mut response = ErrorBody::new(code, message).respond(status);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("5"));
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
         }
         response
     }

@@ -7,6 +7,7 @@ use shared::claims::JwtKeys;
 use sqlx::PgPool;
 
 use crate::store::Batcher;
+use crate::unipile::UnipileClient;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -22,4 +23,9 @@ pub struct AppState {
     pub nats: Client,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Sends replies and starts chats; `None` without UNIPILE_DSN and UNIPILE_API_KEY
+    /// (then those calls answer 503).
+    pub unipile: Option<UnipileClient>,
+    /// How long a send waits for Unipile (never retried).
+    pub send_timeout: std::time::Duration,
 }

@@ -22,6 +22,9 @@ pub enum EventType {
     MessageEdited,
     #[serde(rename = "message:deleted")]
     MessageDeleted,
+    /// A reply sent through the relay changed state: pending → sent | failed.
+    #[serde(rename = "message:status")]
+    MessageStatus,
     #[serde(rename = "chat:read")]
     ChatRead,
     #[serde(rename = "account:status")]
@@ -29,12 +32,13 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 8] = [
         Self::MessageNew,
         Self::MessageRead,
         Self::MessageReaction,
         Self::MessageEdited,
         Self::MessageDeleted,
+        Self::MessageStatus,
         Self::ChatRead,
         Self::AccountStatus,
     ];
@@ -47,6 +51,7 @@ impl EventType {
             Self::MessageReaction => "message:reaction",
             Self::MessageEdited => "message:edited",
             Self::MessageDeleted => "message:deleted",
+            Self::MessageStatus => "message:status",
             Self::ChatRead => "chat:read",
             Self::AccountStatus => "account:status",
         }
@@ -60,6 +65,7 @@ impl EventType {
             Self::MessageReaction => "message_reaction",
             Self::MessageEdited => "message_edited",
             Self::MessageDeleted => "message_deleted",
+            Self::MessageStatus => "message_status",
             Self::ChatRead => "chat_read",
             Self::AccountStatus => "account_status",
         }

@@ -4,6 +4,8 @@
 //! - `GET /api/chats?account_id=&limit=&cursor=`: chats, newest activity first.
 //! - `GET /api/chats/{chat_id}/messages?limit=&before=`: a chat's messages, newest first.
 //! - `POST /api/chats/{chat_id}/read`: unread count to 0; emits `chat:read`.
+//! - `POST /api/chats/{chat_id}/messages`: a reply through Unipile ([`replies`]).
+//! - `POST /api/chats`: a new chat through Unipile ([`replies`]).
 //! - `GET /api/openapi.json`: the OpenAPI description of these and the webhooks.
 //!
 //! Every call but the last needs the fanout token ([`auth`]) and sees only its accounts.
@@ -16,11 +18,13 @@ pub mod chats;
 pub mod cursor;
 pub mod messages;
 pub mod openapi;
+pub mod replies;
 
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::{HeaderValue, Method, header};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::{get, post};
 
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -33,10 +37,12 @@ pub const DEFAULT_LIMIT: i64 = 50;
 /// Most items per page; a larger `limit` is cut to this.
 pub const MAX_LIMIT: i64 = 200;
 
-pub fn router() -> Router<AppState> {
+/// The API's routes; `reply_max_body_bytes` bounds the bodies of the two sending routes.
+pub fn router(reply_max_body_bytes: usize) -> Router<AppState> {
+    let sending = DefaultBodyLimit::max(reply_max_body_bytes);
     Router::new()
-        .route("/api/chats", get(chats::list))
-        .route("/api/chats/{chat_id}/messages", get(messages::list))
+        .route("/api/chats", get(chats::list).post(replies::start_chat).layer(sending))
+        .route("/api/chats/{chat_id}/messages", get(messages::list).post(replies::send).layer(sending))
         .route("/api/chats/{chat_id}/read", post(chats::mark_read))
         .route("/api/openapi.json", get(openapi::serve))
 }
@@ -46,7 +52,12 @@ pub fn router() -> Router<AppState> {
 pub fn cors(origins: &[String]) -> CorsLayer {
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([header::RETRY_AFTER])
         .max_age(Duration::from_secs(3600));
     if origins.iter().any(|o| o.trim() == "*") {
         // Any origin: safe only because the API takes bearer tokens, never cookies, so a

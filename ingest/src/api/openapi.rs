@@ -21,6 +21,8 @@ use super::ErrorBody;
         super::chats::list,
         super::messages::list,
         super::chats::mark_read,
+        super::replies::send,
+        super::replies::start_chat,
         messaging_webhook,
         account_status_webhook,
     ),

@@ -17,7 +17,9 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::{Outcome, StoreError, Write, accounts, chats, is_data_error, is_retryable, messages, updates};
+use super::{
+    Outcome, StoreError, Write, accounts, chats, is_data_error, is_retryable, messages, replies, updates,
+};
 use crate::config::BatchArgs;
 use crate::outbox::{self, EventLimits, Sizer};
 
@@ -197,9 +199,17 @@ pub async fn commit(
             _ => None,
         })
         .unzip();
-    for (i, inserted) in indexes.into_iter().zip(messages::insert(&mut tx, &new_messages).await?) {
+    // The echo of a reply sent without Unipile's id takes that reply's row first.
+    let mut echoes = replies::claim_echoes(&mut tx, &new_messages).await?;
+    for (n, (i, inserted)) in
+        indexes.into_iter().zip(messages::insert(&mut tx, &new_messages).await?).enumerate()
+    {
         outcomes[i] = inserted.outcome;
         events.extend(inserted.events.into_iter().map(|e| (i, e)));
+        if let Some(status) = echoes.remove(&n) {
+            outcomes[i] = Outcome::Accepted;
+            events.push((i, status));
+        }
     }
 
     // After the inserts, so an update finds a message of the same batch. Messages are
@@ -219,8 +229,20 @@ pub async fn commit(
         _ => None,
     });
     let read_applied = chats::mark_read(&mut tx, &reads).await?;
+    let (reply_indexes, new_replies) = of_kind(writes, |w| match w {
+        Write::Reply(r) => Some(r),
+        _ => None,
+    });
+    let created = replies::create(&mut tx, &new_replies).await?;
+    let (done_indexes, answers) = of_kind(writes, |w| match w {
+        Write::ReplyDone(d) => Some(d),
+        _ => None,
+    });
+    let finished = replies::finish(&mut tx, &answers).await?;
     let done = update_indexes.into_iter().zip(applied);
     let done = done.chain(status_indexes.into_iter().zip(status_applied));
+    let done = done.chain(reply_indexes.into_iter().zip(created));
+    let done = done.chain(done_indexes.into_iter().zip(finished));
     for (i, applied) in done.chain(read_indexes.into_iter().zip(read_applied)) {
         outcomes[i] = applied.outcome;
         events.extend(applied.events.into_iter().map(|e| (i, e)));
@@ -248,6 +270,8 @@ async fn lock_chats(tx: &mut Transaction<'_, Postgres>, writes: &[&Write]) -> Re
             Write::Message(m) => Some(m.chat_id.as_str()),
             Write::Update(u) => Some(u.message.chat_id.as_str()),
             Write::MarkRead(r) => Some(r.chat_id.as_str()),
+            Write::Reply(r) => Some(r.chat_id.as_str()),
+            Write::ReplyDone(d) => Some(d.chat_id.as_str()),
             Write::AccountStatus(_) => None,
         }),
     )

@@ -10,7 +10,7 @@ use serde::Serialize;
 use shared::envelope::{ChatView, EventType, MessageView, millis};
 
 use super::accounts::AccountRecord;
-use super::views::{ChatRecord, MessageRecord, Person, Reaction};
+use super::views::{ChatRecord, MessageRecord, Person, Reaction, ReplyState};
 
 /// `message:new`.
 #[derive(Debug, Serialize)]
@@ -74,6 +74,22 @@ pub struct ShownReaction {
     pub sender: Person,
     #[serde(with = "millis")]
     pub reacted_at: DateTime<Utc>,
+}
+
+/// `message:status`: a reply sent through the relay changed state. Clients find the
+/// bubble by `relay_id` (the id of the reply's `message:new`) or `client_id`, and from
+/// now on know it as `message_id` (Unipile's id once known; it may differ from the
+/// `relay_id`, and when the echo webhook came first, a bubble with that id exists
+/// already: the one with the `relay_id` goes).
+#[derive(Debug, Serialize)]
+pub struct MessageStatus {
+    pub message_id: String,
+    pub relay_id: String,
+    pub client_id: Option<String>,
+    pub state: Option<ReplyState>,
+    pub failure_reason: Option<String>,
+    /// The whole stored reply.
+    pub message: MessageRecord,
 }
 
 /// `chat:read`.

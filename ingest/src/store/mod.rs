@@ -11,6 +11,7 @@ pub mod chats;
 pub mod dead_letters;
 pub mod events;
 pub mod messages;
+pub mod replies;
 pub mod updates;
 pub mod views;
 
@@ -47,6 +48,10 @@ pub enum Write {
     AccountStatus(accounts::StatusChange),
     /// A chat marked read through the REST API.
     MarkRead(chats::MarkRead),
+    /// A reply about to be sent through Unipile (stored `pending`).
+    Reply(replies::NewReply),
+    /// Unipile's answer to a reply (`sent` or `failed`).
+    ReplyDone(replies::ReplyDone),
 }
 
 #[derive(Debug, thiserror::Error)]

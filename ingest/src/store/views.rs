@@ -89,12 +89,52 @@ pub struct MessageRecord {
     /// (then `timestamp` is the update's and `sender` may be partial). Never listed by
     /// the REST API; only update events can carry one.
     pub placeholder: bool,
+    /// Only on replies sent through the relay (`POST /api/chats/{chat_id}/messages`):
+    /// `pending` while Unipile is asked, then `sent` or `failed`. Absent on other messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<ReplyState>,
+    /// A reply's idempotency key, as its sender gave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The id the relay gave a reply before Unipile gave it its own (`rl_...`): the id of
+    /// its first `message:new`. Equal to `id` until Unipile's id is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_id: Option<String>,
+    /// Why a `failed` reply failed (`rate_limited`, `timeout`, `unipile_error: ...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+}
+
+/// Where a reply sent through the relay stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyState {
+    /// Stored; Unipile has not answered yet.
+    Pending,
+    /// Unipile took it (201).
+    Sent,
+    /// Unipile refused it, failed or did not answer in time; see `failure_reason`.
+    Failed,
+}
+
+impl ReplyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Pending, Self::Sent, Self::Failed].into_iter().find(|s| s.as_str() == text)
+    }
 }
 
 /// The columns [`MessageRow`] reads; use as `select {MESSAGE_COLUMNS} from messages m join chats c ..`.
 pub const MESSAGE_COLUMNS: &str = "m.id, m.chat_id, m.account_id, c.account_type, m.text, m.sender, m.is_sender, \
      m.sent_at, m.attachments, m.quoted, m.seen, m.seen_at, m.delivered_at, m.reactions, m.edited_at, \
-     m.deleted_at, m.placeholder";
+     m.deleted_at, m.placeholder, m.state, m.client_id, m.relay_id, m.failure_reason";
 
 /// A `messages` row (with its chat's `account_type`).
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -116,6 +156,10 @@ pub struct MessageRow {
     pub edited_at: Option<DateTime<Utc>>,
     pub deleted_at: Option<DateTime<Utc>>,
     pub placeholder: bool,
+    pub state: Option<String>,
+    pub client_id: Option<String>,
+    pub relay_id: Option<String>,
+    pub failure_reason: Option<String>,
 }
 
 impl MessageRow {
@@ -161,6 +205,10 @@ impl MessageRow {
             deleted,
             deleted_at: self.deleted_at,
             placeholder: self.placeholder,
+            state: self.state.as_deref().and_then(ReplyState::parse),
+            client_id: self.client_id.clone(),
+            relay_id: self.relay_id.clone(),
+            failure_reason: self.failure_reason.clone(),
         }
     }
 }
@@ -216,6 +264,10 @@ mod tests {
             edited_at: None,
             deleted_at: None,
             placeholder: false,
+            state: None,
+            client_id: None,
+            relay_id: None,
+            failure_reason: None,
         }
     }
 

@@ -13,7 +13,7 @@ pub mod registration;
 pub mod sync;
 pub mod types;
 
-pub use client::{ClientConfig, RetryPolicy, UnipileClient, UnipileError};
+pub use client::{ClientConfig, OutgoingFile, RetryPolicy, SendError, UnipileClient, UnipileError};
 
 use sqlx::PgPool;
 use tokio::task::JoinHandle;

@@ -253,3 +253,20 @@ mod tests {
         assert!(body.get("events").is_none());
     }
 }
+
+/// `POST /chats/{chat_id}/messages` answers `201 {"object": "MessageSent", "message_id": ..}`;
+/// `message_id` may be null.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MessageSent {
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub message_id: Option<String>,
+}
+
+/// `POST /chats` answers `201 {"object": "ChatStarted", "chat_id": .., "message_id": ..}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ChatStarted {
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub chat_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub message_id: Option<String>,
+}

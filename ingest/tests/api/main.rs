@@ -11,6 +11,7 @@ mod helpers;
 mod hostile;
 mod hostile_props;
 mod outage;
+mod replies;
 mod rest;
 mod startup;
 mod unipile_client;

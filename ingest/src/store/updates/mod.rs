@@ -264,6 +264,10 @@ mod tests {
             edited_at: None,
             deleted_at: None,
             placeholder: false,
+            state: None,
+            client_id: None,
+            relay_id: None,
+            failure_reason: None,
         }
     }
 

@@ -16,12 +16,15 @@
 //!
 //! The configuration (the DSN's base URL, timeouts, the retry policy) is in the private
 //! `config` submodule and re-exported here; sending one call, with its retries, is in the
-//! private `send` submodule.
+//! private `send` submodule. Sending a message or starting a chat (`outgoing`) is not
+//! idempotent upstream and is never retried.
 
 mod config;
+mod outgoing;
 mod send;
 
 pub use config::{ClientConfig, RetryPolicy, base_url};
+pub use outgoing::{OutgoingFile, SendError};
 
 use std::fmt;
 use std::sync::Arc;

@@ -135,7 +135,7 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     parse_retry_after(value, chrono::Utc::now())
 }
 
-fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+pub(super) fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
@@ -159,7 +159,7 @@ pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-fn truncate(mut body: String) -> String {
+pub(super) fn truncate(mut body: String) -> String {
     const MAX: usize = 500;
     if body.len() > MAX {
         let mut end = MAX;
