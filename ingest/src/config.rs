@@ -66,6 +66,31 @@ impl ReplyArgs {
     }
 }
 
+/// Attachments streamed from Unipile (`GET /api/messages/{id}/attachments/{id}`) and the
+/// signed URLs that let `<img>` and `<audio>` fetch them without a token.
+#[derive(Debug, Clone, Args)]
+pub struct AttachmentArgs {
+    /// Largest attachment passed through, in bytes: a larger announced length is
+    /// refused (502 `attachment_too_large`), and a stream that grows past it is cut.
+    #[arg(long, env = "ATTACHMENT_MAX_BYTES", default_value_t = 50 * 1024 * 1024)]
+    pub attachment_max_bytes: u64,
+    /// How long Unipile may take to connect and answer with its headers, in seconds;
+    /// beyond it the call answers 504.
+    #[arg(long, env = "ATTACHMENT_FIRST_BYTE_TIMEOUT_SECS", default_value_t = 10)]
+    pub attachment_first_byte_timeout_secs: u64,
+    /// Longest pause between two chunks of the file, in seconds; beyond it the
+    /// download is cut.
+    #[arg(long, env = "ATTACHMENT_IDLE_TIMEOUT_SECS", default_value_t = 20)]
+    pub attachment_idle_timeout_secs: u64,
+    /// Longest a whole download may take, in seconds; beyond it the download is cut.
+    #[arg(long, env = "ATTACHMENT_TOTAL_TIMEOUT_SECS", default_value_t = 300)]
+    pub attachment_total_timeout_secs: u64,
+    /// How long a signed attachment URL stays valid, in seconds (the key is derived
+    /// from JWT_SECRET).
+    #[arg(long, env = "ATTACHMENT_URL_TTL_SECS", default_value_t = 300)]
+    pub attachment_url_ttl_secs: u64,
+}
+
 /// Group commit of webhook writes.
 #[derive(Debug, Clone, Args)]
 pub struct BatchArgs {
@@ -160,6 +185,8 @@ pub struct ServeConfig {
     pub catch_up: CatchUpArgs,
     #[command(flatten)]
     pub reply: ReplyArgs,
+    #[command(flatten)]
+    pub attachments: AttachmentArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]

@@ -33,6 +33,12 @@ pub enum ApiError {
     /// The relay cannot save right now (database down, writers saturated): retry later.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    /// A signed URL that is tampered with or expired.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A file larger than `ATTACHMENT_MAX_BYTES`.
+    #[error("the attachment is larger than the relay passes on ({limit} bytes)")]
+    AttachmentTooLarge { limit: u64 },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
@@ -77,6 +83,8 @@ impl ApiError {
             Self::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
             Self::Upstream { status, code, .. } => (*status, code),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::AttachmentTooLarge { .. } => (StatusCode::BAD_GATEWAY, "attachment_too_large"),
             // Refused for what the request carried (a U+0000 in a cursor, say): the
             // same request would be refused again.
             Self::Database(e) if crate::store::is_data_error(e) => (StatusCode::BAD_REQUEST, "bad_request"),

@@ -24,6 +24,13 @@
 //! Unipile:
 //! - `unipile_requests_total{call, outcome}` (counter); `unipile_webhooks_registered`
 //!   (gauge: 1 once the relay's webhooks are registered).
+//!
+//! Attachments and accounts:
+//! - `attachment_downloads_total{outcome}` (counter): `ok`, `not_found`, `forbidden`,
+//!   `too_large` (refused up front), `cut` (cut while streaming), `upstream_error`.
+//! - `attachment_bytes_total` (counter): bytes of downloads passed on whole.
+//! - `account_backfills_total{outcome}` (counter): backfills after a reconnection
+//!   (`done`, `failed`, `skipped`).
 
 use std::time::Duration;
 
@@ -86,4 +93,16 @@ pub fn unipile_request(call: &'static str, outcome: &'static str) {
 
 pub fn webhooks_registered(registered: bool) {
     gauge!("unipile_webhooks_registered").set(if registered { 1.0 } else { 0.0 });
+}
+
+pub fn attachment_download(outcome: &'static str) {
+    counter!("attachment_downloads_total", "outcome" => outcome).increment(1);
+}
+
+pub fn attachment_bytes(n: u64) {
+    counter!("attachment_bytes_total").increment(n);
+}
+
+pub fn account_backfill(outcome: &'static str) {
+    counter!("account_backfills_total", "outcome" => outcome).increment(1);
 }

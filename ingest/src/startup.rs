@@ -107,6 +107,10 @@ impl Application {
             metrics: runtime::telemetry::metrics_handle(),
             unipile: sending_client(&config),
             send_timeout: config.reply.send_timeout(),
+            attachments: Arc::new(api::attachments::AttachmentSettings::new(
+                &config.attachments,
+                &config.jwt_secret,
+            )),
         };
         let router = router(state.clone(), &config);
         let listener =
@@ -166,11 +170,15 @@ impl Application {
 /// The client replies are sent with, when Unipile is configured.
 fn sending_client(config: &ServeConfig) -> Option<crate::unipile::UnipileClient> {
     if config.unipile.unipile_dsn.is_none() && config.unipile.unipile_api_key.is_none() {
-        tracing::info!("UNIPILE_DSN and UNIPILE_API_KEY unset: sending replies is off (503)");
+        tracing::info!(
+            "UNIPILE_DSN and UNIPILE_API_KEY unset: sending replies and attachments are off (503)"
+        );
         return None;
     }
     crate::unipile::cli::client_from(&config.unipile)
-        .inspect_err(|e| tracing::warn!(error = format!("{e:#}"), "sending replies is off (503)"))
+        .inspect_err(|e| {
+            tracing::warn!(error = format!("{e:#}"), "sending replies and attachments are off (503)")
+        })
         .ok()
 }
 
@@ -179,6 +187,8 @@ fn router(state: AppState, config: &ServeConfig) -> Router {
         .merge(inbound::router(state.clone(), config.webhook_max_body_bytes))
         .merge(health::router())
         .merge(api::router(config.reply.reply_max_body_bytes).layer(api::cors(&config.cors_origins)))
+        // An unknown path (also one a client normalised, `../`) gets the usual error body.
+        .fallback(|| async { crate::error::ApiError::NotFound })
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(config.request_timeout_secs),

@@ -6,6 +6,9 @@ use secrecy::SecretString;
 use shared::claims::JwtKeys;
 use sqlx::PgPool;
 
+use std::sync::Arc;
+
+use crate::api::attachments::AttachmentSettings;
 use crate::store::Batcher;
 use crate::unipile::UnipileClient;
 
@@ -23,9 +26,12 @@ pub struct AppState {
     pub nats: Client,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
-    /// Sends replies and starts chats; `None` without UNIPILE_DSN and UNIPILE_API_KEY
-    /// (then those calls answer 503).
+    /// Sends replies and starts chats, fetches attachments, backfills reconnected
+    /// accounts; `None` without UNIPILE_DSN and UNIPILE_API_KEY (then those calls answer
+    /// 503 `not_configured`).
     pub unipile: Option<UnipileClient>,
     /// How long a send waits for Unipile (never retried).
     pub send_timeout: std::time::Duration,
+    /// Download limits and the signer of attachment URLs.
+    pub attachments: Arc<AttachmentSettings>,
 }

@@ -29,12 +29,11 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
+impl Caller {
+    /// The caller named by `Authorization: Bearer`, for handlers that take other
+    /// credentials too (a signed attachment URL).
+    pub fn from_headers(headers: &axum::http::HeaderMap, state: &AppState) -> Result<Self, ApiError> {
+        let token = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(shared::errors::bearer_token)
@@ -43,5 +42,13 @@ impl FromRequestParts<AppState> for Caller {
             tracing::debug!(error = %e, "refusing a REST token");
             ApiError::Unauthorized
         })
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Self::from_headers(&parts.headers, state)
     }
 }

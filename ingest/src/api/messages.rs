@@ -77,6 +77,10 @@ pub async fn list(
     .fetch_all(&state.db)
     .await?;
     let mut items: Vec<MessageRecord> = rows.iter().map(MessageRow::record).collect();
+    let now = chrono::Utc::now();
+    for item in &mut items {
+        super::attachments::add_signed_urls(&state.attachments.signer, &item.id, &mut item.attachments, now);
+    }
     let next_cursor = (items.len() as i64 > limit).then(|| {
         items.truncate(limit as usize);
         let last = &rows[limit as usize - 1];

@@ -6,6 +6,8 @@
 //! - `POST /api/chats/{chat_id}/read`: unread count to 0; emits `chat:read`.
 //! - `POST /api/chats/{chat_id}/messages`: a reply through Unipile ([`replies`]).
 //! - `POST /api/chats`: a new chat through Unipile ([`replies`]).
+//! - `GET /api/messages/{message_id}/attachments/{attachment_id}`: a file, streamed from
+//!   Unipile; `POST .../url`: a short-lived signed URL for it ([`attachments`]).
 //! - `GET /api/openapi.json`: the OpenAPI description of these and the webhooks.
 //!
 //! Every call but the last needs the fanout token ([`auth`]) and sees only its accounts.
@@ -13,12 +15,14 @@
 //! because of messages that arrive meanwhile. Errors have the one shape of
 //! [`crate::error::ApiError`].
 
+pub mod attachments;
 pub mod auth;
 pub mod chats;
 pub mod cursor;
 pub mod messages;
 pub mod openapi;
 pub mod replies;
+pub mod signing;
 
 use std::time::Duration;
 
@@ -45,6 +49,9 @@ pub fn router(reply_max_body_bytes: usize) -> Router<AppState> {
         .route("/api/chats/{chat_id}/messages", get(messages::list).post(replies::send).layer(sending))
         .route("/api/chats/{chat_id}/read", post(chats::mark_read))
         .route("/api/openapi.json", get(openapi::serve))
+        // media: attachments and accounts
+        .route("/api/messages/{message_id}/attachments/{attachment_id}", get(attachments::download))
+        .route("/api/messages/{message_id}/attachments/{attachment_id}/url", post(attachments::signed_url))
 }
 
 /// CORS for the browser origins allowed to call the REST API (none when the list is

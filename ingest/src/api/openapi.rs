@@ -23,13 +23,17 @@ use super::ErrorBody;
         super::chats::mark_read,
         super::replies::send,
         super::replies::start_chat,
+        // media: attachments and accounts
+        super::attachments::download,
+        super::attachments::signed_url,
         messaging_webhook,
         account_status_webhook,
     ),
-    components(schemas(WebhookAck, WebhookStatus)),
+    components(schemas(WebhookAck, WebhookStatus, super::attachments::AttachmentUrl)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "inbox", description = "Chats and messages of the token's accounts"),
+        (name = "attachments", description = "Files of messages, streamed from Unipile; signed URLs for <img> and <audio>"),
         (name = "webhooks", description = "Called by Unipile; authenticated with the Unipile-Auth header"),
     )
 )]

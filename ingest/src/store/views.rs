@@ -66,7 +66,9 @@ pub struct MessageRecord {
     /// When it was sent.
     #[serde(with = "millis")]
     pub timestamp: DateTime<Utc>,
-    /// Unipile's attachment objects as sent; empty once deleted.
+    /// Unipile's attachment objects as sent; empty once deleted. In REST answers each
+    /// one with an `id` also has a `signed_url` (path and query, valid a few minutes)
+    /// that fetches the file without a token.
     #[schema(value_type = Vec<Object>)]
     pub attachments: Vec<Value>,
     #[schema(value_type = Option<Object>)]

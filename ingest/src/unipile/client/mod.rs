@@ -20,6 +20,7 @@
 //! idempotent upstream and is never retried.
 
 mod config;
+mod download;
 mod outgoing;
 mod send;
 
@@ -51,6 +52,8 @@ pub enum UnipileError {
     Status { call: String, status: u16, attempts: u32, body: String },
     #[error("Unipile {call}: the response is not what the relay expects: {reason}")]
     Decode { call: String, reason: String },
+    #[error("Unipile {call}: no answer within {after:?}")]
+    Timeout { call: String, after: std::time::Duration },
     #[error("Unipile {call}: the cursor {cursor:?} came back twice; stopping rather than looping")]
     CursorLoop { call: String, cursor: String },
 }
