@@ -18,6 +18,9 @@
  * relay.connect();
  * ```
  *
+ * With the `api` option (ingest's REST base URL) it also sends replies through the relay:
+ * `await relay.send(chatId, "On my way")` (see {@link RelayClient#send}).
+ *
  * @module client
  */
 
@@ -33,7 +36,7 @@
 /**
  * The event envelope, identical on NATS and on the socket.
  * @typedef {object} RelayEvent
- * @property {"message:new"|"message:read"|"message:reaction"|"message:edited"|"message:deleted"|"chat:read"|"account:status"} type
+ * @property {"message:new"|"message:read"|"message:reaction"|"message:edited"|"message:deleted"|"message:status"|"chat:read"|"account:status"} type
  * @property {string} id              unique per event
  * @property {number} seq             stream sequence, strictly increasing on a connection
  * @property {string} account_id
@@ -64,6 +67,7 @@
  *   "message:reaction": RelayEvent,
  *   "message:edited": RelayEvent,
  *   "message:deleted": RelayEvent,
+ *   "message:status": RelayEvent,
  *   "chat:read": RelayEvent,
  *   "account:status": RelayEvent,
  *   "status": Status,
@@ -81,7 +85,36 @@
  * @property {number} [baseDelayMs=500]       first backoff step
  * @property {number} [maxDelayMs=30000]      backoff cap
  * @property {typeof WebSocket} [WebSocketImpl]
+ * @property {string} [api]                   ingest's REST base URL (e.g. https://relay.example.com), for {@link RelayClient#send}
  */
+
+/**
+ * A reply that did not go through: `status` is the HTTP status (0: the API could not be
+ * reached, network or CORS), `code` the error code (`rate_limited`, `unipile_error`,
+ * `unipile_timeout`, `unprocessable`, ...), `retryAfter` seconds when the API said, and
+ * `reply` the stored reply (`state: "failed"`) when there is one.
+ */
+export class RelaySendError extends Error {
+  /**
+   * @param {string} message
+   * @param {{status: number, code: string, retryAfter?: number | null, reply?: any}} details
+   */
+  constructor(message, { status, code, retryAfter = null, reply = null }) {
+    super(message);
+    this.name = "RelaySendError";
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+    this.reply = reply;
+  }
+}
+
+/** A random idempotency key. */
+function newClientId() {
+  if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
+  const bytes = globalThis.crypto.getRandomValues(new Uint8Array(16));
+  return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
 
 const TERMINAL_CODES = new Set([4002]); // token expired: reconnect only with a new token
 /** How many recent event ids a client remembers to drop an event the stream holds twice. */
@@ -167,11 +200,71 @@ export class RelayClient {
    */
   subscribe(chatIds) {
     this.options.chatIds = chatIds;
-    this.send({ type: "subscribe", chat_ids: chatIds });
+    this.sendFrame({ type: "subscribe", chat_ids: chatIds });
+  }
+
+  /**
+   * Sends a reply in a chat through the relay (ingest's `POST /api/chats/{chatId}/messages`,
+   * which sends it through Unipile). Every tab, this one included, sees it at once as a
+   * `message:new` with `state: "pending"`, then a `message:status` (`sent` or `failed`).
+   *
+   * Resolves with the stored reply (`state: "sent"`). Rejects with a {@link RelaySendError}
+   * whose `reply` is the failed reply when Unipile refused, failed or timed out; nothing is
+   * retried for you. Repeating a call with the same `clientId` (after a network error, say)
+   * sends nothing new and gets the first answer; a deliberate new attempt takes a new one.
+   *
+   * (Called with a single object, `send(frame)` writes a raw frame on the socket, as before.)
+   *
+   * @param {string | object} chatId
+   * @param {string} [text]
+   * @param {{clientId?: string, signal?: AbortSignal}} [options]
+   * @returns {Promise<any>}
+   */
+  send(chatId, text, options = {}) {
+    if (typeof chatId === "object" && chatId !== null) {
+      this.sendFrame(chatId);
+      return Promise.resolve(null);
+    }
+    return this.sendReply(chatId, String(text ?? ""), options);
+  }
+
+  /**
+   * @param {string} chatId
+   * @param {string} text
+   * @param {{clientId?: string, signal?: AbortSignal}} options
+   */
+  async sendReply(chatId, text, { clientId = newClientId(), signal } = {}) {
+    const base = (this.options.api ?? globalThis.location?.origin ?? "").replace(/\/$/, "");
+    const { token } = this.options;
+    const jwt = typeof token === "function" ? await token() : token;
+    let response;
+    try {
+      response = await fetch(`${base}/api/chats/${encodeURIComponent(chatId)}/messages`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${jwt}`, "Content-Type": "application/json" },
+        body: JSON.stringify({ text, client_id: clientId }),
+        signal,
+      });
+    } catch (error) {
+      throw new RelaySendError(`cannot reach the API at ${base}: network error or CORS refusal (${error})`, {
+        status: 0,
+        code: "network",
+      });
+    }
+    /** @type {any} */
+    const body = await response.json().catch(() => null);
+    if (response.ok) return body;
+    const retryAfter = Number(response.headers.get("retry-after")) || null;
+    throw new RelaySendError(body?.error?.message ?? `HTTP ${response.status}`, {
+      status: response.status,
+      code: body?.error?.code ?? "http_error",
+      retryAfter,
+      reply: body?.message ?? null,
+    });
   }
 
   /** @param {object} frame */
-  send(frame) {
+  sendFrame(frame) {
     if (this.socket?.readyState === 1) this.socket.send(JSON.stringify(frame));
   }
 
@@ -235,7 +328,7 @@ export class RelayClient {
           this.emit("reload", { reason: "history no longer reaches back to the last event seen" });
         }
         if (this.lastSeq == null || frame.recovered === false) this.lastSeq = frame.seq;
-        if (this.options.chatIds?.length) this.send({ type: "subscribe", chat_ids: this.options.chatIds });
+        if (this.options.chatIds?.length) this.sendFrame({ type: "subscribe", chat_ids: this.options.chatIds });
         this.keepAlive(socket, frame.heartbeat_s);
         this.emit("hello", frame);
         this.emit("status", { state: "open", attempt: 0 });
@@ -273,7 +366,7 @@ export class RelayClient {
         socket.close(4100, "heartbeat missed");
         return;
       }
-      this.send({ type: "ping" });
+      this.sendFrame({ type: "ping" });
     }, every);
   }
 

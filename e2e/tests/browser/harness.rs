@@ -53,6 +53,11 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// With more flags for ingest (e.g. `--unipile-dsn` of a fake Unipile).
+    pub async fn start_with(ingest_flags: &[String]) -> Self {
         let id = Uuid::new_v4().simple().to_string();
         let stream_name = format!("E2E_{id}");
         let prefix = format!("e2e{id}.events");
@@ -74,6 +79,7 @@ impl Relay {
             format!("--listen=127.0.0.1:{ingest_port}"),
             "--outbox-sweep-ms=200".to_owned(),
         ];
+        let args: Vec<String> = args.into_iter().chain(ingest_flags.iter().cloned()).collect();
         let ingest = testkit::service::ingest(&args).await;
         let relay = Self {
             ingest_url,
@@ -134,6 +140,21 @@ impl Relay {
 
     /// Posts a `message_received` webhook; asserts ingest accepted it.
     pub async fn post_message(&self, account: &str, chat: &str, text: &str) {
+        let id = format!("msg{}", Uuid::new_v4().simple());
+        let answer = self.post_messaging(account, chat, text, &id, false).await;
+        assert_eq!(answer, "accepted");
+    }
+
+    /// Posts a `message_received` webhook (`is_sender` for the echo of the account's own
+    /// message); returns ingest's `status` answer.
+    pub async fn post_messaging(
+        &self,
+        account: &str,
+        chat: &str,
+        text: &str,
+        id: &str,
+        is_sender: bool,
+    ) -> String {
         let body = json!({
             "event": "message_received",
             "account_id": account,
@@ -146,10 +167,10 @@ impl Relay {
             "sender": {"attendee_id": format!("{chat}-att"), "attendee_name": format!("Contact {chat}"),
                        "attendee_provider_id": "15105550199@s.whatsapp.net", "attendee_profile_url": null},
             "message": text,
-            "message_id": format!("msg{}", Uuid::new_v4().simple()),
+            "message_id": id,
             "timestamp": chrono_now(),
             "attachments": [],
-            "is_sender": false,
+            "is_sender": is_sender,
             "is_group": false,
         });
         let response = self
@@ -163,7 +184,8 @@ impl Relay {
             .expect("ingest answers");
         let status = response.status();
         let answer: Value = response.json().await.unwrap_or(Value::Null);
-        assert_eq!((status.as_u16(), answer["status"].as_str()), (200, Some("accepted")), "{answer}");
+        assert_eq!(status.as_u16(), 200, "{answer}");
+        answer["status"].as_str().unwrap_or_default().to_owned()
     }
 
     /// Publishes the stream's newest event again, under a new seq: what ingest does

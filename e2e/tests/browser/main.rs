@@ -6,6 +6,7 @@
 //! checks `fanout tail` against the same in-process relay.
 
 mod harness;
+mod replies;
 mod tail;
 
 use std::time::Duration;
