@@ -88,6 +88,11 @@ pub struct Config {
     /// are refused with 429, so one user or one leaked token cannot take every slot.
     #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_SUB", default_value_t = 100)]
     pub max_connections_per_sub: usize,
+    /// Resumes (`?since=`) one token subject may start per minute on this replica (a
+    /// burst of as many); more are refused with 429 and `Retry-After`, since each
+    /// may read history from JetStream. 0: no limit.
+    #[arg(long, env = "FANOUT_MAX_RESUMES_PER_MINUTE_PER_SUB", default_value_t = 120)]
+    pub max_resumes_per_minute_per_sub: u32,
     /// Events queued per connection before the client counts as too slow and is closed
     /// (code 4000), so one slow reader never holds anybody else up.
     #[arg(long, env = "FANOUT_QUEUE_CAPACITY", default_value_t = 256)]

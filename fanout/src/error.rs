@@ -21,6 +21,9 @@ pub enum ApiError {
     /// The token's subject holds as many connections as it may.
     #[error("too many connections for this token's subject")]
     TooManyForSubject,
+    /// The token's subject started as many resumes this minute as it may.
+    #[error("too many resumes for this token's subject; retry later")]
+    TooManyResumes { retry_after: std::time::Duration },
     /// The follower has not found the stream yet, or the server is stopping.
     #[error("not ready, try another replica")]
     NotReady,
@@ -35,9 +38,14 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections"),
             ApiError::TooManyForSubject => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections_for_token"),
+            ApiError::TooManyResumes { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_resumes"),
             ApiError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Upgrade(rejection) => (rejection.status(), "not_a_websocket_upgrade"),
         };
-        ErrorBody::new(code, self.to_string()).respond(status)
+        let mut response = ErrorBody::new(code, self.to_string()).respond(status);
+        if let ApiError::TooManyResumes { retry_after } = &self {
+            response.headers_mut().insert("retry-after", retry_after.as_secs().into());
+        }
+        response
     }
 }

@@ -8,7 +8,8 @@
 //! - `fanout_slow_consumer_closes_total` (counter): clients closed for not reading.
 //! - `fanout_closes_total{reason}` (counter): every server-initiated close by reason.
 //! - `fanout_refused_total{reason}` (counter): upgrades refused before they began
-//!   (`per_sub`: the token's subject holds as many connections as it may).
+//!   (`per_sub`: the token's subject holds as many connections as it may;
+//!   `resume_rate`: it started as many resumes this minute as it may).
 //! - `fanout_resumes_total{outcome}`: `memory`, `stream`, `gone` (recovered false:
 //!   the stream no longer holds it), `too_far` (recovered false: further back than
 //!   `FANOUT_MAX_RESUME_GAP`), `failed`.

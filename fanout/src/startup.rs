@@ -84,6 +84,10 @@ impl Application {
             },
             shutdown: CancellationToken::new(),
         };
+        let resumes = runtime::limits::PerKeyLimit::per_minute(config.max_resumes_per_minute_per_sub);
+        if let Some(limit) = &resumes {
+            limit.spawn_upkeep(Duration::from_secs(60));
+        }
         let state = AppState {
             keys: Arc::new(JwtKeys::new(&config.jwt_secret).with_issuer_and_audience(
                 config.jwt_claims.jwt_issuer.clone(),
@@ -92,6 +96,7 @@ impl Application {
             ctx: Arc::new(ctx),
             slots: Slots::new(max_connections),
             per_sub: SubSlots::new(config.max_connections_per_sub.max(1)),
+            resumes,
             tracker: TaskTracker::new(),
             follower: status,
             nats: client,

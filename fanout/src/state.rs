@@ -22,6 +22,8 @@ pub struct AppState {
     pub slots: Arc<Slots>,
     /// The same, per token subject.
     pub per_sub: Arc<SubSlots>,
+    /// Resumes per token subject and minute (`None`: no limit).
+    pub resumes: Option<Arc<runtime::limits::PerKeyLimit>>,
     /// Counts connection tasks so shutdown waits for their close frames.
     pub tracker: TaskTracker,
     /// Whether the follower is following, for `/readyz`.

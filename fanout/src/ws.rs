@@ -75,6 +75,13 @@ async fn upgrade(
         metrics::refused("per_sub");
         return Err(ApiError::TooManyForSubject);
     };
+    if params.since.is_some()
+        && let Some(resumes) = &state.resumes
+        && let Err(retry_after) = resumes.check(&claims.sub)
+    {
+        metrics::refused("resume_rate");
+        return Err(ApiError::TooManyResumes { retry_after });
+    }
     let slot = state.slots.try_acquire().ok_or(ApiError::TooManyConnections)?;
     let task = state.tracker.token();
     let limits = ctx.limits;

@@ -175,6 +175,14 @@ pub struct ServeConfig {
     /// Browser origins allowed to call the REST API (comma-separated; empty: none).
     #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// REST calls one token's `sub` may make per second (a burst of as many); more are
+    /// answered 429 with `Retry-After`. 0: no limit.
+    #[arg(long, env = "REST_REQUESTS_PER_SEC_PER_SUB", default_value_t = 50)]
+    pub rest_requests_per_sec_per_sub: u32,
+    /// Database connections the REST API may hold, apart from the webhook writers' own
+    /// (`DATABASE_MAX_CONNECTIONS`), so REST traffic never makes a webhook wait.
+    #[arg(long, env = "DATABASE_API_MAX_CONNECTIONS", default_value_t = 4)]
+    pub database_api_max_connections: u32,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]

@@ -30,6 +30,9 @@ pub enum ApiError {
     /// (429 rate limited, with `Retry-After`; 502; 504).
     #[error("{message}")]
     Upstream { status: StatusCode, code: &'static str, message: String, retry_after: Option<u64> },
+    /// One token's `sub` called more often than it may; retry after the given time.
+    #[error("too many requests for this token; retry later")]
+    TooManyRequests { retry_after: std::time::Duration },
     /// The relay cannot save right now (database down, writers saturated): retry later.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
@@ -82,6 +85,7 @@ impl ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
             Self::Upstream { status, code, .. } => (*status, code),
+            Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::AttachmentTooLarge { .. } => (StatusCode::BAD_GATEWAY, "attachment_too_large"),
@@ -119,6 +123,7 @@ impl IntoResponse for ApiError {
         };
         let retry_after = match &self {
             Self::Upstream { retry_after, .. } => *retry_after,
+            Self::TooManyRequests { retry_after } => Some(retry_after.as_secs()),
             Self::NotConfigured(_) => None,
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(5),
             _ => None,

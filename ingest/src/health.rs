@@ -22,9 +22,10 @@ pub fn router() -> Router<AppState> {
 /// while NATS is away (they wait in the outbox), but a load balancer should prefer a
 /// replica that can publish.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let database = tokio::time::timeout(Duration::from_secs(2), sqlx::query("select 1").execute(&state.db))
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let database =
+        tokio::time::timeout(Duration::from_secs(2), sqlx::query("select 1").execute(&state.webhook_db))
+            .await
+            .is_ok_and(|r| r.is_ok());
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let status = if database && nats { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -161,7 +161,7 @@ where
                 let reason = sanitize::scrubbed(&reason);
                 let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
                 tracing::warn!(endpoint, reason = %reason, "dead-lettering a delivery");
-                dead_letters::insert(&state.db, endpoint, &reason, content_type, &body).await?;
+                dead_letters::insert(&state.webhook_db, endpoint, &reason, content_type, &body).await?;
                 Ok(AckStatus::DeadLettered)
             }
         }

@@ -21,6 +21,10 @@
 //! - `outbox_parked_total{reason}` (counter): rows parked (`too_large`, `refused`).
 //! - `outbox_events_truncated_total` (counter): events cut to fit on NATS.
 //!
+//! REST API:
+//! - `rest_refused_total{reason}` (counter): calls refused before any work
+//!   (`rate_limited`: the token's `sub` is over `REST_REQUESTS_PER_SEC_PER_SUB`).
+//!
 //! Unipile:
 //! - `unipile_requests_total{call, outcome}` (counter); `unipile_webhooks_registered`
 //!   (gauge: 1 once the relay's webhooks are registered).
@@ -41,6 +45,10 @@ pub fn webhook_answered(endpoint: &str, outcome: &'static str, took: Option<Dura
     if let Some(took) = took {
         histogram!("webhook_ack_seconds", "endpoint" => endpoint.to_owned()).record(took.as_secs_f64());
     }
+}
+
+pub fn rest_refused(reason: &'static str) {
+    counter!("rest_refused_total", "reason" => reason).increment(1);
 }
 
 pub fn webhook_body_repaired(endpoint: &'static str) {

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
+use runtime::limits::PerKeyLimit;
 use shared::claims::JwtKeys;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tower::util::MapRequestLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -95,14 +97,26 @@ impl Application {
         // Unipile is away and end when done, so they run beside the supervised tasks.
         crate::unipile::spawn_start_up_tasks(&config, db.clone());
 
+        let api_db = crate::db::pool(
+            &config.database.database_url,
+            config.database_api_max_connections.max(1),
+            Duration::from_millis(config.database.database_acquire_timeout_ms),
+        )
+        .await?;
+        let rest_limit = PerKeyLimit::per_second(config.rest_requests_per_sec_per_sub);
+        if let Some(limit) = &rest_limit {
+            limit.spawn_upkeep(Duration::from_secs(60));
+        }
         let state = AppState {
-            db,
+            db: api_db,
+            webhook_db: db,
             batcher,
             webhook_secret: config.webhook_secret.clone(),
             jwt: JwtKeys::new(&config.jwt_secret).with_issuer_and_audience(
                 config.jwt_claims.jwt_issuer.clone(),
                 config.jwt_claims.jwt_audience.clone(),
             ),
+            rest_limit,
             nats,
             metrics: runtime::telemetry::metrics_handle(),
             unipile: sending_client(&config),
@@ -202,5 +216,27 @@ fn router(state: AppState, config: &ServeConfig) -> Router {
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(MapRequestLayer::new(drop_unfit_request_id))
         .with_state(state)
+}
+
+/// Longest client `x-request-id` kept; a UUID is 36.
+const MAX_REQUEST_ID: usize = 64;
+
+/// A client's `x-request-id` goes into every log line of its request and back in the
+/// answer: one that is long or holds anything but `[A-Za-z0-9._:-]` is dropped, so a
+/// new UUID is made in its place.
+fn drop_unfit_request_id<B>(mut request: axum::http::Request<B>) -> axum::http::Request<B> {
+    let fit = |v: &axum::http::HeaderValue| {
+        let bytes = v.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= MAX_REQUEST_ID
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b))
+    };
+    if request.headers().get_all("x-request-id").iter().any(|v| !fit(v))
+        || request.headers().get_all("x-request-id").iter().count() > 1
+    {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
 }

@@ -1,7 +1,10 @@
 //! The state every handler shares.
 
+use std::sync::Arc;
+
 use async_nats::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
+use runtime::limits::PerKeyLimit;
 use secrecy::SecretString;
 use shared::claims::JwtKeys;
 use sqlx::PgPool;
@@ -14,14 +17,19 @@ use crate::unipile::UnipileClient;
 
 #[derive(Clone)]
 pub struct AppState {
-    /// Reads for the REST API, dead letters and readiness checks.
+    /// The REST API's own pool (`DATABASE_API_MAX_CONNECTIONS`): however hard one
+    /// client calls the API, webhooks never wait for a connection behind it.
     pub db: PgPool,
+    /// The webhooks' pool, shared with the writers: dead letters and readiness.
+    pub webhook_db: PgPool,
     /// Where webhook writes go to be group-committed.
     pub batcher: Batcher,
     /// Compared in constant time with each webhook's `Unipile-Auth` header.
     pub webhook_secret: SecretString,
     /// Checks the client tokens of the REST API.
     pub jwt: JwtKeys,
+    /// REST calls per token `sub` (`None`: no limit).
+    pub rest_limit: Option<Arc<PerKeyLimit>>,
     /// For readiness: whether NATS is connected.
     pub nats: Client,
     /// Renders `/metrics`.

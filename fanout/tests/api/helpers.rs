@@ -111,6 +111,7 @@ pub fn config(url: &str, events: &Events) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         max_connections: 1000,
         max_connections_per_sub: 100,
+        max_resumes_per_minute_per_sub: 120,
         queue_capacity: 256,
         heartbeat_secs: 30,
         write_timeout_secs: 10,

@@ -59,6 +59,34 @@ async fn one_subject_beyond_its_connection_limit_is_refused_with_429_and_others_
 }
 
 #[tokio::test]
+async fn one_subject_beyond_its_resume_rate_is_refused_with_429_and_may_still_connect_fresh() {
+    let app = spawn_app_with(|c| c.max_resumes_per_minute_per_sub = 2).await;
+    let as_sub =
+        |sub: &str| crate::helpers::keys().issue(sub, vec!["*".into()], std::time::Duration::from_secs(600));
+    for _ in 0..2 {
+        app.connect_hello(&as_sub("alice"), Some(0)).await;
+    }
+    assert_eq!(app.try_connect(&app.ws_url(Some(&as_sub("alice")), Some(0))).await.err(), Some(429));
+    let refused = reqwest::Client::new()
+        .get(app.url("/ws/messages?since=0"))
+        .bearer_auth(as_sub("alice"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry_after), "Retry-After: {retry_after}");
+    assert_eq!(refused.json::<serde_json::Value>().await.unwrap()["error"]["code"], "too_many_resumes");
+    app.connect_hello(&as_sub("alice"), None).await;
+    app.connect_hello(&as_sub("bob"), Some(0)).await;
+    assert!(app.counter("fanout_refused_total{reason=\"resume_rate\"}").await >= 2);
+}
+
+#[tokio::test]
 async fn shutdown_closes_every_socket_with_1012() {
     let mut app = spawn_app().await;
     let (mut a, _) = app.connect_hello(&token(&["*"]), None).await;

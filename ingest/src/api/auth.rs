@@ -2,7 +2,9 @@
 //!
 //! A missing, expired or badly signed token is a 401 with the usual error body. The
 //! token's `accounts` scope every answer: a chat of another account is a 404, the same as
-//! a chat that does not exist, so ids of other tenants cannot be probed.
+//! a chat that does not exist, so ids of other tenants cannot be probed. Each token's
+//! `sub` may make `REST_REQUESTS_PER_SEC_PER_SUB` calls a second; beyond that it is
+//! answered 429 with `Retry-After`, before any database work.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -38,10 +40,17 @@ impl Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(shared::errors::bearer_token)
             .ok_or(ApiError::Unauthorized)?;
-        state.jwt.verify(token).map(Caller).map_err(|e| {
+        let claims = state.jwt.verify(token).map_err(|e| {
             tracing::debug!(error = %e, "refusing a REST token");
             ApiError::Unauthorized
-        })
+        })?;
+        if let Some(limit) = &state.rest_limit
+            && let Err(retry_after) = limit.check(&claims.sub)
+        {
+            crate::metrics::rest_refused("rate_limited");
+            return Err(ApiError::TooManyRequests { retry_after });
+        }
+        Ok(Caller(claims))
     }
 }
 

@@ -11,6 +11,7 @@ mod events;
 mod helpers;
 mod hostile;
 mod hostile_props;
+mod limits;
 mod outage;
 mod replies;
 mod rest;
