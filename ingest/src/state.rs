@@ -9,8 +9,6 @@ use secrecy::SecretString;
 use shared::claims::JwtKeys;
 use sqlx::PgPool;
 
-use std::sync::Arc;
-
 use crate::api::attachments::AttachmentSettings;
 use crate::store::Batcher;
 use crate::unipile::UnipileClient;
