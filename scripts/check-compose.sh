@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 # Compose refuses to interpolate the file without the secrets; check it with stand-ins.
 export WEBHOOK_SECRET="${WEBHOOK_SECRET:-check-compose-stand-in-0123456789abcdef}"
 export JWT_SECRET="${JWT_SECRET:-check-compose-stand-in-0123456789abcdef}"
+export NATS_PASSWORD="${NATS_PASSWORD:-check-compose-stand-in-0123456789abcdef}"
+export POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-check-compose-stand-in-0123456789abcdef}"
 
 if docker compose version >/dev/null 2>&1; then
   docker compose --profile debug --profile demo config -q

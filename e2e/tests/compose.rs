@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use yaml_serde::Value;
 
-/// Variables our binaries read outside clap (tracing's filter).
-const NON_CLAP_ENV: &[&str] = &["RUST_LOG", "RELAY_DEV"];
+/// Variables outside clap: tracing's filter, the development flag, and the password
+/// only compose's PostgreSQL reads.
+const NON_CLAP_ENV: &[&str] = &["RUST_LOG", "RELAY_DEV", "POSTGRES_PASSWORD"];
 /// The image every relay service runs.
 const RELAY_IMAGE: &str = "unipile-relay:latest";
 
@@ -194,7 +195,47 @@ fn nats_runs_jetstream_with_its_monitoring_port() {
     let command = strings(nats.get("command"));
     assert!(command.contains(&"-js".to_owned()), "JetStream on: {command:?}");
     assert!(command.windows(2).any(|w| w == ["-m", "8222"]), "monitoring on 8222: {command:?}");
-    assert!(strings(nats.get("ports")).iter().any(|p| p.ends_with(":8222")), "8222 published");
+}
+
+#[test]
+fn only_the_gateway_is_published_on_the_host() {
+    for (name, service) in services() {
+        let ports = strings(service.get("ports"));
+        assert!(name == "gateway" || ports.is_empty(), "{name} publishes {ports:?} on the host");
+    }
+}
+
+#[test]
+fn nats_requires_the_password_every_client_service_is_given() {
+    let services = services();
+    let nats = &services["nats"];
+    let command = strings(nats.get("command"));
+    let config = command.windows(2).find(|w| w[0] == "-c").map(|w| w[1].clone()).expect("nats runs with -c");
+    let mounted = strings(nats.get("volumes"))
+        .into_iter()
+        .find_map(|v| v.strip_suffix(&format!(":{config}:ro")).map(str::to_owned))
+        .expect("the config file is mounted read-only");
+    let text = std::fs::read_to_string(repo_file(mounted.trim_start_matches("./"))).unwrap();
+    assert!(text.contains("user: relay") && text.contains("password: $NATS_PASSWORD"), "{text}");
+    assert!(environment(nats).contains_key("NATS_PASSWORD"), "the server reads NATS_PASSWORD");
+    for name in ["ingest", "fanout", "nats-box"] {
+        let env = environment(&services[name]);
+        assert_eq!(env.get("NATS_USER").map(String::as_str), Some("relay"), "{name}");
+        assert!(env.contains_key("NATS_PASSWORD"), "{name} has no NATS_PASSWORD");
+    }
+}
+
+#[test]
+fn no_secret_has_a_default() {
+    let text = std::fs::read_to_string(repo_file("docker-compose.yml")).unwrap();
+    for secret in ["WEBHOOK_SECRET", "JWT_SECRET", "NATS_PASSWORD", "POSTGRES_PASSWORD"] {
+        let uses: Vec<&str> = text.match_indices(&format!("${{{secret}")).map(|(i, _)| &text[i..]).collect();
+        assert!(!uses.is_empty(), "{secret} is not used");
+        for used in uses {
+            let expression = &used[..used.find('}').unwrap() + 1];
+            assert!(expression.starts_with(&format!("${{{secret}:?")), "{expression} has a default");
+        }
+    }
 }
 
 #[test]

@@ -40,9 +40,7 @@ pub struct TailArgs {
 
 /// Follows the stream until the process is stopped.
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let client = async_nats::connect(args.nats.nats_url.as_str())
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats.nats_url))?;
+    let client = args.nats.connect_now("fanout-tail").await?;
     let js = jetstream::new(client);
     let stream = js
         .get_stream(&args.nats.stream_name)

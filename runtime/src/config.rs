@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use shared::subjects::Subjects;
 
@@ -76,6 +76,12 @@ pub struct NatsArgs {
     /// Subject prefix; events go to `{prefix}.{account}.{chat}.{type}`.
     #[arg(long, env = "SUBJECT_PREFIX", default_value = "relay.events", value_parser = parse_prefix)]
     pub subject_prefix: Subjects,
+    /// User name NATS asks for (with `NATS_PASSWORD`); unset: no user.
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// Password of `NATS_USER`.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub nats_password: Option<SecretString>,
 }
 
 fn parse_prefix(value: &str) -> Result<Subjects, String> {
@@ -86,21 +92,59 @@ impl NatsArgs {
     /// Connects, retrying in the background if the server is not up yet, so a process
     /// can start (and serve what does not need NATS) while NATS is away.
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
-        async_nats::ConnectOptions::new()
-            .name(name)
+        self.options(name)?
             .retry_on_initial_connect()
+            .connect(self.nats_url.as_str())
+            .await
+            .with_context(|| format!("connecting to NATS at {}", without_credentials(&self.nats_url)))
+    }
+
+    /// Connects once, failing at once when the server is away or refuses the
+    /// credentials: for commands, which have nothing to serve meanwhile.
+    pub async fn connect_now(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        self.options(name)?
+            .connect(self.nats_url.as_str())
+            .await
+            .with_context(|| format!("connecting to NATS at {}", without_credentials(&self.nats_url)))
+    }
+
+    fn options(&self, name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+        let options = async_nats::ConnectOptions::new()
+            .name(name)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("nats connected"),
                     async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    // An authorization violation, say: the server will not take us as we are.
+                    async_nats::Event::ServerError(error) => {
+                        tracing::error!(error = %error, "nats server error")
+                    }
                     other => tracing::debug!(event = %other, "nats event"),
                 }
-            })
-            .connect(self.nats_url.as_str())
-            .await
-            .with_context(|| format!("connecting to NATS at {}", self.nats_url))
+            });
+        match (&self.nats_user, &self.nats_password) {
+            (Some(user), Some(password)) => {
+                Ok(options.user_and_password(user.clone(), password.expose_secret().to_owned()))
+            }
+            (None, None) => Ok(options),
+            _ => anyhow::bail!("NATS_USER and NATS_PASSWORD go together: set both or neither"),
+        }
     }
+}
+
+/// A NATS URL list fit for a log line: any `user:password@` is left out.
+pub fn without_credentials(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***@{}", &url[..scheme + 3], &url[at + 1..])
+            }
+            (None, Some(at)) => format!("***@{}", &url[at + 1..]),
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Log output format.
@@ -130,5 +174,14 @@ mod tests {
         assert!(parse_strong_secret("0123456789abcdef0123456789abcde").unwrap_err().contains("at least 32"));
         assert!(parse_strong_secret("change-me-jwt-secret").unwrap_err().contains("documented example"));
         assert!(parse_strong_secret("   ").is_err());
+    }
+
+    #[test]
+    fn nats_urls_are_logged_without_their_credentials() {
+        assert_eq!(
+            without_credentials("nats://relay:s3cret@a:4222,nats://b:4222,tls://u:p@c"),
+            "nats://***@a:4222,nats://b:4222,tls://***@c"
+        );
+        assert_eq!(without_credentials("relay:s3cret@a:4222"), "***@a:4222");
     }
 }

@@ -108,13 +108,24 @@ pub struct NatsServer {
     pub port: u16,
     store: PathBuf,
     child: Option<Child>,
+    /// `--user` and `--pass` the server requires, if any.
+    auth: Option<(String, String)>,
 }
 
 impl NatsServer {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A server that takes only clients with this user and password.
+    pub async fn start_with_auth(user: &str, password: &str) -> Self {
+        Self::start_with(Some((user.to_owned(), password.to_owned()))).await
+    }
+
+    async fn start_with(auth: Option<(String, String)>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let store = std::env::temp_dir().join(format!("nats-test-{}", Uuid::new_v4().simple()));
-        let mut server = Self { port, store, child: None };
+        let mut server = Self { port, store, child: None, auth };
         server.restart().await;
         server
     }
@@ -129,6 +140,7 @@ impl NatsServer {
         let child = Command::new(&binary)
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(&self.store)
+            .args(self.auth.iter().flat_map(|(user, password)| ["--user", user, "--pass", password]))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -104,6 +104,8 @@ pub fn config(url: &str, events: &Events) -> Config {
             nats_url: url.to_owned(),
             stream_name: events.stream_name.clone(),
             subject_prefix: events.subjects.clone(),
+            nats_user: None,
+            nats_password: None,
         },
         telemetry: TelemetryArgs { log_format: LogFormat::Text },
         jwt_secret: SecretString::from(SECRET),

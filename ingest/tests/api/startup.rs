@@ -119,3 +119,68 @@ async fn a_request_that_stalls_is_answered_408_at_the_timeout() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(900), "not before the timeout");
     assert_eq!(app.count("select count(*) from dead_letters").await, 0);
 }
+
+/// NATS that asks for a user and password: both services connect with
+/// `NATS_USER`/`NATS_PASSWORD` and a message goes through; with the wrong password
+/// ingest never becomes ready and says why in its log, not in a panic.
+#[tokio::test]
+async fn both_services_reach_a_nats_that_requires_a_user_and_password() {
+    use std::time::Duration;
+
+    const PASSWORD: &str = "nats-test-password-0123456789abcdef0123";
+    let nats = testkit::NatsServer::start_with_auth("relay", PASSWORD).await;
+    let database = testkit::create_database("ingest").await;
+    let args = |password: &str| {
+        vec![
+            format!("--webhook-secret={}", crate::helpers::WEBHOOK_SECRET),
+            format!("--jwt-secret={}", crate::helpers::JWT_SECRET),
+            format!("--database-url={}", database.url),
+            format!("--nats-url={}", nats.url()),
+            "--nats-user=relay".to_owned(),
+            format!("--nats-password={password}"),
+        ]
+    };
+
+    let mut refused = testkit::service::ingest(&args("not-the-password-0123456789abcdef0123")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let readyz = reqwest::get(refused.url("/readyz")).await.unwrap();
+    assert_eq!(readyz.status(), 503, "ready without NATS: {}", readyz.text().await.unwrap());
+    refused.stop(Duration::from_secs(10)).await;
+
+    let ingest = testkit::service::ingest(&args(PASSWORD)).await;
+    ingest.wait_ready().await;
+    let fanout_args = [
+        format!("--jwt-secret={}", crate::helpers::JWT_SECRET),
+        format!("--nats-url={}", nats.url()),
+        "--nats-user=relay".to_owned(),
+        format!("--nats-password={PASSWORD}"),
+    ];
+    let fanout = testkit::service::fanout(&fanout_args).await;
+    let token = shared::claims::JwtKeys::new(&secrecy::SecretString::from(crate::helpers::JWT_SECRET)).issue(
+        "ana",
+        vec!["*".to_owned()],
+        Duration::from_secs(60),
+    );
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws/messages?token={token}", fanout.port))
+            .await
+            .expect("fanout accepts the socket");
+    let hello = futures::StreamExt::next(&mut socket).await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains("hello"), "{hello:?}");
+
+    let body = crate::helpers::message_received("acc_auth", "chat_auth", false);
+    let answer = reqwest::Client::new()
+        .post(ingest.url("/api/webhooks/unipile/messages"))
+        .header("Unipile-Auth", crate::helpers::WEBHOOK_SECRET)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let event = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut socket))
+        .await
+        .expect("the event arrives through the authenticated NATS")
+        .unwrap()
+        .unwrap();
+    assert!(event.to_text().unwrap().contains(body["message_id"].as_str().unwrap()), "{event:?}");
+}
