@@ -217,7 +217,8 @@ export class RelayClient {
    *
    * @param {string | object} chatId
    * @param {string} [text]
-   * @param {{clientId?: string, signal?: AbortSignal}} [options]
+   * @param {{clientId?: string, files?: Blob[], signal?: AbortSignal}} [options]  `files` go as
+   *   `multipart/form-data` (at most 10, within the API's REPLY_MAX_BODY_BYTES)
    * @returns {Promise<any>}
    */
   send(chatId, text, options = {}) {
@@ -231,18 +232,33 @@ export class RelayClient {
   /**
    * @param {string} chatId
    * @param {string} text
-   * @param {{clientId?: string, signal?: AbortSignal}} options
+   * @param {{clientId?: string, files?: Blob[], signal?: AbortSignal}} options
    */
-  async sendReply(chatId, text, { clientId = newClientId(), signal } = {}) {
+  async sendReply(chatId, text, { clientId = newClientId(), files = [], signal } = {}) {
     const base = (this.options.api ?? globalThis.location?.origin ?? "").replace(/\/$/, "");
     const { token } = this.options;
     const jwt = typeof token === "function" ? await token() : token;
+    /** @type {Record<string, string>} */
+    const headers = { Authorization: `Bearer ${jwt}` };
+    /** @type {BodyInit} */
+    let body;
+    if (files.length) {
+      const form = new FormData();
+      form.append("text", text);
+      form.append("client_id", clientId);
+      // @ts-ignore a File has a name; a plain Blob gets one from the API
+      for (const file of files) form.append("attachments", file, file.name ?? "attachment");
+      body = form;
+    } else {
+      headers["Content-Type"] = "application/json";
+      body = JSON.stringify({ text, client_id: clientId });
+    }
     let response;
     try {
       response = await fetch(`${base}/api/chats/${encodeURIComponent(chatId)}/messages`, {
         method: "POST",
-        headers: { Authorization: `Bearer ${jwt}`, "Content-Type": "application/json" },
-        body: JSON.stringify({ text, client_id: clientId }),
+        headers,
+        body,
         signal,
       });
     } catch (error) {
@@ -252,14 +268,14 @@ export class RelayClient {
       });
     }
     /** @type {any} */
-    const body = await response.json().catch(() => null);
-    if (response.ok) return body;
+    const answer = await response.json().catch(() => null);
+    if (response.ok) return answer;
     const retryAfter = Number(response.headers.get("retry-after")) || null;
-    throw new RelaySendError(body?.error?.message ?? `HTTP ${response.status}`, {
+    throw new RelaySendError(answer?.error?.message ?? `HTTP ${response.status}`, {
       status: response.status,
-      code: body?.error?.code ?? "http_error",
+      code: answer?.error?.code ?? "http_error",
       retryAfter,
-      reply: body?.message ?? null,
+      reply: answer?.message ?? null,
     });
   }
 

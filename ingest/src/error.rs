@@ -20,6 +20,9 @@ pub enum ApiError {
     /// The request is well-formed but its content cannot be used (an empty text, say).
     #[error("{0}")]
     Unprocessable(String),
+    /// A reply with more files than it may carry.
+    #[error("a reply carries at most {0} files")]
+    TooManyFiles(usize),
     /// The request conflicts with an earlier one (an idempotency key reused).
     #[error("{0}")]
     Conflict(String),
@@ -83,6 +86,7 @@ impl ApiError {
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::TooManyFiles(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
             Self::Upstream { status, code, .. } => (*status, code),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),

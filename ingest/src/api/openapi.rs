@@ -141,6 +141,22 @@ mod tests {
     }
 
     #[test]
+    fn the_sending_calls_are_documented_with_their_failures() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let reply = &doc["paths"]["/api/chats/{chat_id}/messages"]["post"];
+        for status in ["201", "404", "409", "413", "422", "429", "502", "503", "504"] {
+            assert!(reply["responses"][status].is_object(), "reply: {status} is not documented");
+        }
+        let content = &reply["requestBody"]["content"];
+        assert!(content["application/json"].is_object() && content["multipart/form-data"].is_object());
+        let start = &doc["paths"]["/api/chats"]["post"];
+        for status in ["201", "404", "422", "429", "502", "504"] {
+            assert!(start["responses"][status].is_object(), "new chat: {status} is not documented");
+        }
+        assert!(doc["components"]["schemas"]["ReplyState"].is_object());
+    }
+
+    #[test]
     fn the_documented_webhook_statuses_are_the_ones_answered() {
         // Exhaustive: a new answer fails to compile here until it is documented.
         let documented = |answered: AckStatus| match answered {

@@ -36,7 +36,7 @@ use crate::state::AppState;
 use crate::store::replies::{self, NewReply, ReplyDone, Sent};
 use crate::store::views::MessageRecord;
 use crate::store::{Outcome, Write};
-use crate::unipile::{SendError, UnipileClient};
+use crate::unipile::{OutgoingFile, SendError, UnipileClient};
 
 /// Longest text a reply or a new chat may carry, in characters.
 pub const MAX_TEXT_CHARS: usize = 10_000;
@@ -44,6 +44,8 @@ pub const MAX_TEXT_CHARS: usize = 10_000;
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 /// Most attendees of a new chat.
 pub const MAX_ATTENDEES: usize = 50;
+/// Most files one reply may carry (more: 413). Their bytes count in REPLY_MAX_BODY_BYTES.
+pub const MAX_FILES: usize = 10;
 /// How much longer than the send timeout a repeated request waits for the first one's answer.
 const REPEAT_GRACE: Duration = Duration::from_secs(5);
 
@@ -56,6 +58,20 @@ pub struct ReplyRequest {
     /// key answers the first one's result and sends nothing. The `Idempotency-Key`
     /// header may carry it instead. Without either, every request sends.
     pub client_id: Option<String>,
+}
+
+/// A reply with files (`multipart/form-data`).
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // documents the form; the handler reads it with multer
+pub struct ReplyForm {
+    /// As in the JSON body.
+    pub text: String,
+    /// As in the JSON body.
+    pub client_id: Option<String>,
+    /// Up to 10 files (more: 413), sent on to Unipile; the whole body within
+    /// REPLY_MAX_BODY_BYTES (more: 413).
+    #[schema(value_type = Vec<String>, format = Binary)]
+    pub attachments: Vec<Vec<u8>>,
 }
 
 /// A new chat.
@@ -98,14 +114,17 @@ pub struct FailedReply {
         ("chat_id" = String, Path, description = "Unipile chat id"),
         ("Idempotency-Key" = Option<String>, Header, description = "Instead of `client_id` in the body"),
     ),
-    request_body(content = ReplyRequest, content_type = "application/json"),
+    request_body(content(
+        (ReplyRequest = "application/json"),
+        (ReplyForm = "multipart/form-data"),
+    )),
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Sent: the reply, `state: \"sent\"`; `id` is Unipile's message id when it gave one", body = MessageRecord),
         (status = 401, description = "Missing, expired or badly signed token", body = ErrorBody),
         (status = 404, description = "No such chat among the token's accounts", body = ErrorBody),
         (status = 409, description = "The `client_id` was used for another reply, or its first request is still sending", body = ErrorBody),
-        (status = 413, description = "Body over REPLY_MAX_BODY_BYTES", body = ErrorBody),
+        (status = 413, description = "Body over REPLY_MAX_BODY_BYTES, or more than 10 files", body = ErrorBody),
         (status = 422, description = "No text, only spaces, over 10,000 characters, or a bad `client_id`", body = ErrorBody),
         (status = 429, description = "Unipile is rate limiting: the reply is failed (`rate_limited`); `Retry-After` is Unipile's", body = FailedReply),
         (status = 502, description = "Unipile failed, refused or was unreachable: the reply is failed, not retried", body = FailedReply),
@@ -123,7 +142,11 @@ pub async fn send(
 ) -> Result<Response, ApiError> {
     let chat = visible_chat(&state.db, &caller, &chat_id).await?;
     let body = body?;
-    let request: ReplyRequest = parse_json(&headers, &body)?;
+    let (request, files) = if is_multipart(&headers) {
+        parse_multipart(&headers, body).await?
+    } else {
+        (parse_json::<ReplyRequest>(&body)?, Vec::new())
+    };
     let text = valid_text(request.text.as_deref())?;
     let client_id = client_id(request.client_id.as_deref(), &headers)?;
     let unipile = sending_client(&state)?;
@@ -138,7 +161,10 @@ pub async fn send(
         account_type: chat.account_type.clone(),
         chat_id: chat_id.clone(),
         text: text.clone(),
-        attachments: Vec::new(),
+        attachments: files
+            .iter()
+            .map(|f| json!({"name": f.name, "size": f.bytes.len(), "mimetype": f.content_type}))
+            .collect(),
         at: Utc::now(),
     };
     let relay_id = reply.relay_id.clone();
@@ -147,7 +173,7 @@ pub async fn send(
         return repeated(&state, &chat.account_id, &client_id, &chat_id, &text).await;
     }
 
-    let sent = unipile.send_message(&chat_id, &text, Vec::new(), state.send_timeout).await;
+    let sent = unipile.send_message(&chat_id, &text, files, state.send_timeout).await;
     let (result, failure) = match sent {
         Ok(sent) => (Sent::Sent { message_id: sent.message_id.filter(|id| usable_id(id)) }, None),
         // A 2xx went out, whatever its body says: sent, without an id.
@@ -295,10 +321,9 @@ async fn repeated(
 pub async fn start_chat(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: StartChatRequest = parse_json(&headers, &body?)?;
+    let request: StartChatRequest = parse_json(&body?)?;
     if !caller.allows(&request.account_id) {
         return Err(ApiError::NotFound);
     }
@@ -338,14 +363,58 @@ fn sending_client(state: &AppState) -> Result<UnipileClient, ApiError> {
     })
 }
 
-/// The body as JSON (whatever the content type says, as for webhooks), or a 422 saying why.
-fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, ApiError> {
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"))
+}
+
+/// A reply with files: `multipart/form-data` with the fields `text` and `client_id` and
+/// up to [`MAX_FILES`] files in `attachments` (the whole body within
+/// REPLY_MAX_BODY_BYTES, already enforced). More files: 413; a malformed body: 422.
+async fn parse_multipart(
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(ReplyRequest, Vec<OutgoingFile>), ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if content_type.starts_with("multipart/") {
-        return Err(ApiError::Unprocessable(
-            "send JSON (`{\"text\": .., \"client_id\": ..}`); files are not accepted yet".into(),
-        ));
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|e| ApiError::Unprocessable(format!("multipart body without a usable boundary: {e}")))?;
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::convert::Infallible>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let bad = |e: multer::Error| ApiError::Unprocessable(format!("the multipart body is malformed: {e}"));
+    let mut request = ReplyRequest { text: None, client_id: None };
+    let mut files = Vec::new();
+    while let Some(field) = multipart.next_field().await.map_err(bad)? {
+        match field.name().unwrap_or_default() {
+            "text" => request.text = Some(field.text().await.map_err(bad)?),
+            "client_id" => request.client_id = Some(field.text().await.map_err(bad)?),
+            "attachments" | "attachments[]" | "files" => {
+                if files.len() == MAX_FILES {
+                    return Err(ApiError::TooManyFiles(MAX_FILES));
+                }
+                let name = field
+                    .file_name()
+                    .map(|n| n.chars().filter(|c| !c.is_control()).take(255).collect::<String>())
+                    .filter(|n| !n.trim().is_empty())
+                    .unwrap_or_else(|| format!("attachment-{}", files.len() + 1));
+                let content_type = field.content_type().map(|m| m.essence_str().to_owned());
+                let bytes = field.bytes().await.map_err(bad)?;
+                files.push(OutgoingFile { name, content_type, bytes });
+            }
+            other => {
+                return Err(ApiError::Unprocessable(format!(
+                    "unknown field {:?}: send text, client_id and files in attachments",
+                    crate::sanitize::scrubbed(other)
+                )));
+            }
+        }
     }
+    Ok((request, files))
+}
+
+/// The body as JSON, or a 422 saying why.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::Unprocessable(format!("the body is not the JSON expected: {e}")))
 }

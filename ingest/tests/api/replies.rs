@@ -206,7 +206,7 @@ async fn the_echo_after_the_answer_adds_no_second_message_and_no_event() {
 #[tokio::test]
 async fn the_echo_before_the_answer_is_merged_into_one_message() {
     let s = setup().await;
-    s.unipile_answers(sent(Some("uni_msg_3")).set_delay(Duration::from_millis(1500))).await;
+    s.unipile_answers(sent(Some("uni_msg_3")).set_delay(Duration::from_secs(4))).await;
     let request = tokio::spawn({
         let (client, url, token) =
             (s.app.client.clone(), s.app.url(&format!("/api/chats/{}/messages", s.chat)), s.token.clone());
@@ -275,7 +275,7 @@ async fn a_reply_sent_without_an_id_takes_its_echo_by_chat_and_text() {
 #[tokio::test]
 async fn a_reply_answered_without_an_id_after_its_echo_merges_with_the_echo() {
     let s = setup().await;
-    s.unipile_answers(sent(None).set_delay(Duration::from_millis(1500))).await;
+    s.unipile_answers(sent(None).set_delay(Duration::from_secs(4))).await;
     let request = tokio::spawn({
         let (client, url, token) =
             (s.app.client.clone(), s.app.url(&format!("/api/chats/{}/messages", s.chat)), s.token.clone());
@@ -368,16 +368,17 @@ async fn unipile_500_fails_the_reply_with_502_and_is_not_retried() {
 #[tokio::test]
 async fn a_send_that_times_out_fails_with_504_and_is_not_retried() {
     let s = setup_with(&["--reply-send-timeout-secs=1"]).await;
-    s.unipile_answers(sent(Some("too_late")).set_delay(Duration::from_secs(3))).await;
+    s.unipile_answers(sent(Some("too_late")).set_delay(Duration::from_secs(20))).await;
     let started = std::time::Instant::now();
     let (status, body, _) = s.reply(json!({"text": "Slow", "client_id": "c-9"})).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
-    assert!(started.elapsed() < Duration::from_millis(2500), "answered after the send timeout, not Unipile");
+    assert!(started.elapsed() < Duration::from_secs(10), "answered after the send timeout, not Unipile");
     assert_eq!(body["error"]["code"], "unipile_timeout");
     assert_eq!(
         (body["message"]["state"].as_str(), body["message"]["failure_reason"].as_str()),
         (Some("failed"), Some("timeout"))
     );
+    // The client's retry policy would have retried within a second or two.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(s.sends().await.len(), 1, "a timeout is not retried");
 }
@@ -485,4 +486,75 @@ async fn a_new_chat_is_started_through_unipile_once() {
     let none = json!({"account_id": s.account, "attendees_ids": [], "text": "Hi"});
     assert_eq!(start(s.token.clone(), none).await.0, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(s.unipile.received_requests().await.unwrap().len(), 1, "nothing else was sent");
+}
+
+impl Setup {
+    async fn reply_form(&self, form: reqwest::multipart::Form) -> (StatusCode, Value) {
+        let response = self
+            .app
+            .client
+            .post(self.app.url(&format!("/api/chats/{}/messages", self.chat)))
+            .bearer_auth(&self.token)
+            .multipart(form)
+            .send()
+            .await
+            .expect("ingest answers");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn file(name: &str, mime: &str, bytes: Vec<u8>) -> reqwest::multipart::Part {
+    reqwest::multipart::Part::bytes(bytes).file_name(name.to_owned()).mime_str(mime).unwrap()
+}
+
+#[tokio::test]
+async fn a_reply_with_files_goes_to_unipile_as_multipart_with_the_files() {
+    let s = setup().await;
+    s.unipile_answers(sent(Some("uni_files"))).await;
+    let form = reqwest::multipart::Form::new()
+        .text("text", "Here are the documents")
+        .text("client_id", "c-files")
+        .part("attachments", file("quote.pdf", "application/pdf", b"%PDF-1.4 not really".to_vec()))
+        .part("attachments", file("photo.png", "image/png", vec![0x89, b'P', b'N', b'G', 0, 1, 2]));
+    let (status, body) = s.reply_form(form).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["state"], "sent");
+    let names: Vec<&str> =
+        body["attachments"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["quote.pdf", "photo.png"]);
+    assert_eq!(body["attachments"][1]["size"], 7);
+
+    assert_eq!(s.sends().await, ["Here are the documents"]);
+    let request = &s.unipile.received_requests().await.unwrap()[0];
+    let raw = &request.body;
+    let find = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    assert!(find(b"name=\"attachments\"; filename=\"quote.pdf\""), "the first file is sent on");
+    assert!(find(b"%PDF-1.4 not really"));
+    assert!(find(b"filename=\"photo.png\"") && find(&[0x89, b'P', b'N', b'G', 0, 1, 2]), "bytes unchanged");
+    assert!(find(b"Content-Type: image/png"));
+}
+
+#[tokio::test]
+async fn too_many_files_or_too_many_bytes_are_413_and_nothing_is_sent_or_stored() {
+    let s = setup_with(&["--reply-max-body-bytes=4096"]).await;
+    s.unipile_answers(sent(Some("never"))).await;
+    let mut form = reqwest::multipart::Form::new().text("text", "Eleven files");
+    for i in 0..11 {
+        form = form.part("attachments", file(&format!("f{i}.txt"), "text/plain", b"x".to_vec()));
+    }
+    let (status, body) = s.reply_form(form).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("10 files"), "{body}");
+
+    let form = reqwest::multipart::Form::new()
+        .text("text", "One big file")
+        .part("attachments", file("big.bin", "application/octet-stream", vec![7; 8000]));
+    let (status, body) = s.reply_form(form).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+
+    let form = reqwest::multipart::Form::new().text("text", "Hi").text("surprise", "field");
+    assert_eq!(s.reply_form(form).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(s.sends().await.is_empty());
+    assert_eq!(s.listed().await.len(), 1, "nothing stored");
 }
