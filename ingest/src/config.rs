@@ -58,11 +58,22 @@ pub struct ReplyArgs {
     /// Largest reply request in bytes (JSON, or multipart with its files); larger gets 413.
     #[arg(long, env = "REPLY_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub reply_max_body_bytes: usize,
+    /// A reply still pending this many seconds after it was stored (the process sending it
+    /// died before Unipile answered) is marked failed (`interrupted`) with its
+    /// message:status; never less than the send timeout. Checked every quarter of it (at
+    /// most every 30 s).
+    #[arg(long, env = "REPLY_PENDING_TIMEOUT_SECS", default_value_t = 120)]
+    pub reply_pending_timeout_secs: u64,
 }
 
 impl ReplyArgs {
     pub fn send_timeout(&self) -> Duration {
         Duration::from_secs(self.reply_send_timeout_secs.max(1))
+    }
+
+    /// How old a pending reply must be to count as interrupted.
+    pub fn pending_timeout(&self) -> Duration {
+        Duration::from_secs(self.reply_pending_timeout_secs).max(self.send_timeout())
     }
 }
 

@@ -93,6 +93,26 @@ impl Application {
                 }
             });
         }
+        // Replies left pending by a process that died mid-send become failed.
+        {
+            let (db, batcher, stop) = (db.clone(), batcher.clone(), stop_background.clone());
+            let older_than = config.reply.pending_timeout();
+            let every = (older_than / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+            tasks.spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = ticks.tick() => {},
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                    match crate::store::replies::fail_interrupted(&db, &batcher, older_than).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(replies = n, "marked interrupted replies failed"),
+                        Err(e) => tracing::warn!(error = %e, "sweeping interrupted replies failed"),
+                    }
+                }
+            });
+        }
         // Webhook registration and the optional history catch-up: they retry while
         // Unipile is away and end when done, so they run beside the supervised tasks.
         crate::unipile::spawn_start_up_tasks(&config, db.clone());

@@ -402,3 +402,32 @@ pub async fn claim_echoes(
     }
     Ok(claimed)
 }
+
+/// Replies `pending` for longer than `older_than`: their sender died before Unipile
+/// answered. Each is finished as failed (`interrupted`) through `batcher`, so it takes
+/// the chat's lock and its `message:status` goes out; one a live request finishes first
+/// stays as that request left it. Returns how many were marked.
+pub async fn fail_interrupted(
+    db: &sqlx::PgPool,
+    batcher: &super::Batcher,
+    older_than: std::time::Duration,
+) -> Result<usize, super::StoreError> {
+    let stale: Vec<(String, String)> = sqlx::query_as(
+        "select relay_id, chat_id from messages
+         where state = 'pending' and created_at < now() - make_interval(secs => $1)
+         order by created_at limit 100",
+    )
+    .bind(older_than.as_secs_f64())
+    .fetch_all(db)
+    .await?;
+    let mut marked = 0;
+    for (relay_id, chat_id) in stale {
+        let reason =
+            "interrupted: the relay stopped before Unipile answered; it may or may not have been sent";
+        let done = ReplyDone { relay_id, chat_id, result: Sent::Failed { reason: reason.to_owned() } };
+        if batcher.submit(super::Write::ReplyDone(done)).await? == Outcome::Accepted {
+            marked += 1;
+        }
+    }
+    Ok(marked)
+}

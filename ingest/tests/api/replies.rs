@@ -558,3 +558,37 @@ async fn too_many_files_or_too_many_bytes_are_413_and_nothing_is_sent_or_stored(
     assert!(s.sends().await.is_empty());
     assert_eq!(s.listed().await.len(), 1, "nothing stored");
 }
+
+#[tokio::test]
+async fn a_reply_left_pending_by_a_process_that_died_is_marked_failed_and_announced() {
+    let s = setup_with(&["--reply-send-timeout-secs=1", "--reply-pending-timeout-secs=1"]).await;
+    // What a process that died between storing a reply and Unipile's answer leaves behind.
+    sqlx::query(
+        "insert into messages (id, chat_id, account_id, text, is_sender, sent_at, state, client_id, relay_id, created_at)
+         values ('rl_dead', $1, $2, 'Lost in flight', true, now() - interval '1 minute', 'pending', 'c-dead',
+                 'rl_dead', now() - interval '1 minute')",
+    )
+    .bind(&s.chat)
+    .bind(&s.account)
+    .execute(&s.app.db)
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let reply = loop {
+        let listed = s.listed().await;
+        let reply = listed.iter().find(|m| m["id"] == "rl_dead").cloned().expect("the reply is listed");
+        if reply["state"] != "pending" || tokio::time::Instant::now() >= deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reply["state"], "failed", "{reply}");
+    assert!(reply["failure_reason"].as_str().unwrap().starts_with("interrupted"), "{reply}");
+    let statuses = s.events(2, &[EventType::MessageStatus]).await;
+    assert_eq!(statuses.len(), 1);
+    assert_eq!(
+        (statuses[0].data["relay_id"].as_str(), statuses[0].data["state"].as_str()),
+        (Some("rl_dead"), Some("failed"))
+    );
+    assert!(s.sends().await.is_empty(), "nothing is sent again");
+}
