@@ -90,7 +90,7 @@
 
 /**
  * A reply that did not go through: `status` is the HTTP status (0: the API could not be
- * reached, network or CORS), `code` the error code (`rate_limited`, `unipile_error`,
+ * reached, network or CORS), `code` the error code (`unipile_rate_limited`, `rate_limited` (the relay's own per-token limit), `unipile_error`,
  * `unipile_timeout`, `unprocessable`, ...), `retryAfter` seconds when the API said, and
  * `reply` the stored reply (`state: "failed"`) when there is one.
  */

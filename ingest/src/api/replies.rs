@@ -219,7 +219,7 @@ fn upstream_status(failure: &SendError) -> (StatusCode, &'static str, Option<u64
     match failure {
         SendError::RateLimited { retry_after } => (
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            "unipile_rate_limited",
             Some(retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1)),
         ),
         SendError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "unipile_timeout", None),

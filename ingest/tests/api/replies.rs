@@ -335,7 +335,7 @@ async fn unipile_429_is_passed_back_with_retry_after_and_the_reply_fails_unretri
     let (status, body, headers) = s.reply(json!({"text": "Too fast", "client_id": "c-7"})).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(headers.get("retry-after").unwrap(), "7");
-    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(body["error"]["code"], "unipile_rate_limited");
     assert_eq!(body["message"]["state"], "failed");
     assert_eq!(body["message"]["failure_reason"], "rate_limited");
     assert_eq!(s.sends().await.len(), 1, "a 429 is not retried by the relay");
