@@ -182,6 +182,44 @@ fn a_replica_that_answers_503_is_skipped_for_another_one() {
     assert!(busy_hits.load(load) >= 1, "round robin did try the busy one");
 }
 
+/// A replica whose address takes no new connection, as a killed container's address does
+/// until the gateway's DNS forgets it (up to `resolver valid=10s`): a listener with a
+/// backlog of 0 that never accepts, its one queue slot taken, so the kernel drops every
+/// further SYN and a connect hangs.
+fn unanswering_replica() -> (u16, socket2::Socket, TcpStream) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    socket.listen(0).unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    let filler = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    (port, socket, filler)
+}
+
+#[test]
+fn a_replica_whose_address_answers_nothing_costs_a_new_connection_about_two_seconds() {
+    let (dead, _listener, _filler) = unanswering_replica();
+    let probe = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], dead)),
+        Duration::from_millis(500),
+    );
+    assert!(probe.is_err(), "the stand-in must not take connections");
+    let ready = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nready";
+    let (live, live_hits) = replica(ready);
+    let gateway = Gateway::start(&[dead, live]);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..4 {
+        let started = Instant::now();
+        let answer = get(gateway.port, &format!("/ws/messages?token={TOKEN}"));
+        slowest = slowest.max(started.elapsed());
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ready"), "{answer}");
+    }
+    assert_eq!(live_hits.load(std::sync::atomic::Ordering::SeqCst), 4, "every client reached the live one");
+    // proxy_connect_timeout 2s, then the next replica; nginx's default would be 60 s.
+    assert!(slowest < Duration::from_secs(4), "a new connection took {slowest:?}");
+    assert!(slowest >= Duration::from_millis(1900), "round robin never tried the dead one ({slowest:?})");
+}
+
 mod rolling_restart {
     //! A rolling restart through the real gateway config: WebSocket upgrades pass
     //! through nginx, a stopped replica's client is handed to the other one, and the
