@@ -6,7 +6,7 @@
 //! reactions, edits, deletions and read receipts. Every delivery is shaped like
 //! Unipile's webhooks (see `fixtures/unipile/message_*.json`) and posted to ingest's
 //! webhook endpoint with the `Unipile-Auth` secret. Runs for `--duration` seconds or
-//! until Ctrl-C.
+//! until Ctrl-C or SIGTERM.
 //!
 //! Account and chat ids are stable between runs, so a restarted simulator keeps adding
 //! to the same chats; message ids are fresh every time.
@@ -359,8 +359,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.duration.map(|s| format!(" for {s}s")).unwrap_or_else(|| " until Ctrl-C".into())
     );
     let (mut sent, mut failed) = (0u64, 0u64);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // Ctrl-C or SIGTERM: as PID 1 in a container a process that installs no SIGTERM
+    // handler is never stopped by `docker stop`, only killed after its grace period.
+    let stop = runtime::telemetry::shutdown_signal();
+    tokio::pin!(stop);
     loop {
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             break;
@@ -397,7 +399,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = &mut ctrl_c => break,
+            _ = &mut stop => break,
         }
     }
     println!("loadgen simulate: {sent} deliveries accepted, {failed} failed");

@@ -5,6 +5,7 @@
 //! (`NATS_URL`, default `nats://127.0.0.1:4222`). A test that needs them fails with a
 //! message naming the variable when one is missing; none skips itself.
 
+pub mod pid1;
 pub mod service;
 
 use std::path::PathBuf;

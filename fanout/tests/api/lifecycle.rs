@@ -166,3 +166,16 @@ async fn fanout_started_before_the_stream_exists_waits_for_ingest_to_create_it()
     let mut stream = events.stream().await;
     assert_eq!(stream.info().await.unwrap().config.duplicate_window, Duration::from_secs(42));
 }
+
+/// In a container fanout is PID 1: `docker stop` (SIGTERM) must stop it, promptly.
+#[test]
+fn the_binary_stops_within_a_second_on_sigterm_as_pid_1() {
+    let took = testkit::pid1::time_to_stop_on_sigterm(
+        std::path::Path::new(env!("CARGO_BIN_EXE_fanout")),
+        &["serve"],
+        &[("JWT_SECRET", SECRET), ("NATS_URL", &nats_url()), ("FANOUT_LISTEN", "127.0.0.1:0")],
+        std::time::Duration::from_millis(800),
+        std::time::Duration::from_secs(1),
+    );
+    assert!(took.is_some(), "fanout ignored SIGTERM as PID 1");
+}

@@ -184,3 +184,28 @@ async fn both_services_reach_a_nats_that_requires_a_user_and_password() {
         .unwrap();
     assert!(event.to_text().unwrap().contains(body["message_id"].as_str().unwrap()), "{event:?}");
 }
+
+/// In a container ingest is PID 1: `docker stop` (SIGTERM) must stop it, promptly.
+#[tokio::test]
+async fn the_binary_stops_within_a_second_on_sigterm_as_pid_1() {
+    let database = testkit::create_database("ingest").await;
+    let url = database.url.clone();
+    let took = tokio::task::spawn_blocking(move || {
+        testkit::pid1::time_to_stop_on_sigterm(
+            std::path::Path::new(env!("CARGO_BIN_EXE_ingest")),
+            &["serve"],
+            &[
+                ("DATABASE_URL", url.as_str()),
+                ("NATS_URL", &testkit::nats_url()),
+                ("WEBHOOK_SECRET", STRONG),
+                ("JWT_SECRET", STRONG),
+                ("INGEST_LISTEN", "127.0.0.1:0"),
+            ],
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(1),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(took.is_some(), "ingest ignored SIGTERM as PID 1");
+}
