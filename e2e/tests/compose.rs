@@ -249,6 +249,12 @@ fn postgres_keeps_its_data_in_a_volume_and_has_a_healthcheck() {
 }
 
 #[test]
+fn fanout_runs_three_replicas_from_the_file_so_down_and_up_keeps_them() {
+    let fanout = &services()["fanout"];
+    assert_eq!(fanout.get("scale").and_then(Value::as_u64), Some(3), "`scale: 3` in the file");
+}
+
+#[test]
 fn fanout_has_no_fixed_host_port_so_it_can_scale() {
     let fanout = &services()["fanout"];
     assert!(fanout.get("ports").is_none(), "`--scale fanout=3` needs fanout without host ports");
