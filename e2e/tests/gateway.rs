@@ -220,6 +220,43 @@ fn a_replica_whose_address_answers_nothing_costs_a_new_connection_about_two_seco
     assert!(slowest >= Duration::from_millis(1900), "round robin never tried the dead one ({slowest:?})");
 }
 
+/// The page sends its token as a WebSocket subprotocol, not in the URL: when a replica
+/// fails, nginx's error log (which prints the request line, whatever `log_format` says)
+/// names the path and never the token.
+#[test]
+fn a_failed_upgrade_with_the_token_in_a_subprotocol_leaves_no_token_in_the_error_log() {
+    let (dead, _listener, _filler) = unanswering_replica();
+    let gateway = Gateway::start(&[dead]);
+    let mut tcp = loop {
+        match TcpStream::connect(("127.0.0.1", gateway.port)) {
+            Ok(tcp) => break tcp,
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        tcp,
+        "GET /ws/messages?since=7 HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: relay.v1, bearer.{TOKEN}\r\n\r\n"
+    )
+    .unwrap();
+    // The answer's head only: nginx keeps the connection open after it.
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).is_ok_and(|n| n == 1) {
+        answer.push(byte[0]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 50"), "the dead replica fails the upgrade: {answer}");
+    let errors = read(&gateway.dir.join("error.log"));
+    assert!(
+        errors.contains("/ws/messages?since=7"),
+        "the failure is logged with its request line:\n{errors}"
+    );
+    assert!(!errors.contains(TOKEN), "no token in the error log:\n{errors}");
+}
+
 mod rolling_restart {
     //! A rolling restart through the real gateway config: WebSocket upgrades pass
     //! through nginx, a stopped replica's client is handed to the other one, and the

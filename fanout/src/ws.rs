@@ -87,6 +87,7 @@ async fn upgrade(
     let limits = ctx.limits;
     let since = params.since;
     Ok(ws
+        .protocols([auth::PROTOCOL])
         .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .max_message_size(limits.hard_client_message)

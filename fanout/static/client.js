@@ -296,10 +296,11 @@ export class RelayClient {
     }
     if (this.stopped) return;
     const target = new URL(url, globalThis.location?.href);
-    target.searchParams.set("token", jwt);
     if (this.lastSeq != null) target.searchParams.set("since", String(this.lastSeq));
     const Impl = this.options.WebSocketImpl ?? WebSocket;
-    const socket = new Impl(target.toString());
+    // The token rides in a subprotocol, never in the URL, which proxies log; the server
+    // selects "relay.v1".
+    const socket = new Impl(target.toString(), ["relay.v1", `bearer.${jwt}`]);
     this.socket = socket;
     socket.onmessage = (message) => this.receive(socket, message.data);
     socket.onclose = (close) => {

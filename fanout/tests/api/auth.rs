@@ -38,6 +38,26 @@ async fn a_bearer_header_is_accepted_like_the_query_parameter() {
     client.hello().await;
 }
 
+/// What the page does: no token in the URL, `relay.v1` and `bearer.<token>` offered as
+/// subprotocols, `relay.v1` selected in the answer (a browser fails the handshake
+/// otherwise).
+#[tokio::test]
+async fn a_bearer_subprotocol_is_accepted_and_relay_v1_is_selected() {
+    let app = spawn_app().await;
+    let mut request = app.ws_url(None, None).into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", format!("relay.v1, bearer.{}", token(&["*"])).parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.expect("upgrade accepted");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "relay.v1");
+    let hello = futures::StreamExt::next(&mut socket).await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello:?}");
+
+    let mut forged = app.ws_url(None, None).into_client_request().unwrap();
+    forged.headers_mut().insert("Sec-WebSocket-Protocol", "relay.v1, bearer.not-a-jwt".parse().unwrap());
+    assert_eq!(crate::helpers::try_connect_request(forged).await.err(), Some(401));
+}
+
 #[tokio::test]
 async fn a_connection_is_closed_with_4002_when_its_token_expires() {
     let app = spawn_app().await;
