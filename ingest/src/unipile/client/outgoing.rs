@@ -114,17 +114,18 @@ impl UnipileClient {
             .send()
             .await;
         let record = |outcome| crate::metrics::unipile_request(call.name, outcome);
-        let response = match sent {
-            Ok(response) => response,
-            Err(e) if e.is_timeout() => {
+        // The request failed on the way, sending or reading the answer: counted and told
+        // apart the same way in both places.
+        let failed = |e: reqwest::Error| {
+            if e.is_timeout() {
                 record("timeout");
-                return Err(SendError::Timeout(timeout));
-            }
-            Err(e) => {
+                SendError::Timeout(timeout)
+            } else {
                 record("transport_error");
-                return Err(SendError::Transport(error_chain(&e)));
+                SendError::Transport(error_chain(&e))
             }
         };
+        let response = sent.map_err(failed)?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             record("rate_limited");
@@ -135,17 +136,7 @@ impl UnipileClient {
                 .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
             return Err(SendError::RateLimited { retry_after });
         }
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(e) if e.is_timeout() => {
-                record("timeout");
-                return Err(SendError::Timeout(timeout));
-            }
-            Err(e) => {
-                record("transport_error");
-                return Err(SendError::Transport(error_chain(&e)));
-            }
-        };
+        let body = response.bytes().await.map_err(failed)?;
         if !status.is_success() {
             record(if status.is_server_error() { "server_error" } else { "client_error" });
             let text = truncate(crate::sanitize::scrubbed(&String::from_utf8_lossy(&body)).into_owned());
