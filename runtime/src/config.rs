@@ -94,7 +94,7 @@ impl NatsArgs {
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
         self.options(name)?
             .retry_on_initial_connect()
-            .connect(self.nats_url.as_str())
+            .connect(self.servers()?)
             .await
             .with_context(|| format!("connecting to NATS at {}", without_credentials(&self.nats_url)))
     }
@@ -103,9 +103,23 @@ impl NatsArgs {
     /// credentials: for commands, which have nothing to serve meanwhile.
     pub async fn connect_now(&self, name: &str) -> anyhow::Result<async_nats::Client> {
         self.options(name)?
-            .connect(self.nats_url.as_str())
+            .connect(self.servers()?)
             .await
             .with_context(|| format!("connecting to NATS at {}", without_credentials(&self.nats_url)))
+    }
+
+    /// The servers of `NATS_URL`: a cluster's URLs, comma-separated (async-nats parses
+    /// one URL per string).
+    pub fn servers(&self) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+        self.nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                url.parse::<async_nats::ServerAddr>()
+                    .with_context(|| format!("NATS_URL: {} is not a NATS URL", without_credentials(url)))
+            })
+            .collect()
     }
 
     fn options(&self, name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
@@ -174,6 +188,37 @@ mod tests {
         assert!(parse_strong_secret("0123456789abcdef0123456789abcde").unwrap_err().contains("at least 32"));
         assert!(parse_strong_secret("change-me-jwt-secret").unwrap_err().contains("documented example"));
         assert!(parse_strong_secret("   ").is_err());
+    }
+
+    #[test]
+    fn a_comma_separated_nats_url_names_every_server_of_a_cluster() {
+        let args = |url: &str| NatsArgs {
+            nats_url: url.to_owned(),
+            stream_name: "S".to_owned(),
+            subject_prefix: Subjects::new("relay.events").unwrap(),
+            nats_user: None,
+            nats_password: None,
+        };
+        let servers = args("nats://a:4222, nats://b:4223,nats://c:4224").servers().unwrap();
+        let ports: Vec<u16> = servers.iter().map(|s| s.port()).collect();
+        assert_eq!(ports, [4222, 4223, 4224]);
+        assert!(args("nats://a:4222,nats://b:notaport").servers().is_err());
+    }
+
+    /// A cluster's URL list as `NATS_URL` takes it: one server down, the next one used.
+    /// Needs the machine's NATS (`NATS_URL`, default `nats://127.0.0.1:4222`).
+    #[tokio::test]
+    async fn a_nats_url_list_connects_to_a_server_of_the_list() {
+        let live = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+        let args = NatsArgs {
+            nats_url: format!("nats://127.0.0.1:1,{live}"),
+            stream_name: "S".to_owned(),
+            subject_prefix: Subjects::new("relay.events").unwrap(),
+            nats_user: None,
+            nats_password: None,
+        };
+        let client = args.connect_now("list-test").await.expect("connects through the list");
+        client.flush().await.expect("NATS must be running (set NATS_URL)");
     }
 
     #[test]
