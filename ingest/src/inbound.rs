@@ -203,7 +203,10 @@ async fn handle_account_status(state: AppState, value: Value) -> Result<Decision
         Err(e) => return Ok(Decision::DeadLetter(format!("unusable account status: {e}"))),
     };
     let write = Write::AccountStatus(StatusChange::from_webhook(&delivery, Utc::now()));
-    state.batcher.submit(write).await.map(Decision::Stored)
+    let stored = state.batcher.submit(write).await?;
+    // A return may have asked for a backfill: let this replica's worker look now.
+    state.backfill_wake.notify_one();
+    Ok(Decision::Stored(stored))
 }
 
 /// Reads a messaging delivery, or says why it cannot be used.

@@ -113,6 +113,16 @@ impl Application {
                 }
             });
         }
+        // Accounts that come back get what they missed, by the first replica free.
+        let backfill_wake = Arc::new(Notify::new());
+        let unipile = sending_client(&config);
+        if let Some(client) = unipile.clone() {
+            let (db, wake, stop) = (db.clone(), backfill_wake.clone(), stop_background.clone());
+            tasks.spawn(async move {
+                crate::unipile::reconnect::run(client, db, wake, stop).await;
+                Ok(())
+            });
+        }
         // Webhook registration and the optional history catch-up: they retry while
         // Unipile is away and end when done, so they run beside the supervised tasks.
         crate::unipile::spawn_start_up_tasks(&config, db.clone());
@@ -139,12 +149,13 @@ impl Application {
             rest_limit,
             nats,
             metrics: runtime::telemetry::metrics_handle(),
-            unipile: sending_client(&config),
+            unipile,
             send_timeout: config.reply.send_timeout(),
             attachments: Arc::new(api::attachments::AttachmentSettings::new(
                 &config.attachments,
                 &config.jwt_secret,
             )),
+            backfill_wake,
         };
         let router = router(state.clone(), &config);
         let listener =

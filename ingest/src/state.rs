@@ -40,4 +40,7 @@ pub struct AppState {
     pub send_timeout: std::time::Duration,
     /// Download limits and the signer of attachment URLs.
     pub attachments: Arc<AttachmentSettings>,
+    /// Wakes the backfill of returned accounts ([`crate::unipile::reconnect`]) when an
+    /// account status was stored.
+    pub backfill_wake: Arc<tokio::sync::Notify>,
 }

@@ -84,7 +84,7 @@ pub struct NatsArgs {
     pub nats_password: Option<SecretString>,
 }
 
-fn parse_prefix(value: &str) -> Result<Subjects, String> {
+pub fn parse_prefix(value: &str) -> Result<Subjects, String> {
     Subjects::new(value).map_err(|e| e.to_string())
 }
 

@@ -1,5 +1,6 @@
 //! Logging and metrics set-up, done once per process.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -8,12 +9,16 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 use crate::config::LogFormat;
 
 /// Installs the global `tracing` subscriber: `RUST_LOG` filter (default `info`), text
-/// or JSON lines on stderr. Safe to call more than once; later calls do nothing.
+/// or JSON lines on stderr, coloured only when stderr is a terminal (never escape codes
+/// in a log file or a collector). Safe to call more than once; later calls do nothing.
 pub fn init_tracing(format: LogFormat) {
+    let colour = std::io::stderr().is_terminal();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => {
+            registry.with(fmt::layer().with_ansi(colour).with_writer(std::io::stderr)).try_init()
+        }
         LogFormat::Json => {
             registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).try_init()
         }

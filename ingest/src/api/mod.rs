@@ -8,6 +8,7 @@
 //! - `POST /api/chats`: a new chat through Unipile ([`replies`]).
 //! - `GET /api/messages/{message_id}/attachments/{attachment_id}`: a file, streamed from
 //!   Unipile; `POST .../url`: a short-lived signed URL for it ([`attachments`]).
+//! - `GET /api/accounts`: the token's accounts with provider, name and status ([`accounts`]).
 //! - `GET /api/openapi.json`: the OpenAPI description of these and the webhooks.
 //!
 //! Every call but the last needs the fanout token ([`auth`]) and sees only its accounts.
@@ -15,6 +16,7 @@
 //! because of messages that arrive meanwhile. Errors have the one shape of
 //! [`crate::error::ApiError`].
 
+pub mod accounts;
 pub mod attachments;
 pub mod auth;
 pub mod chats;
@@ -52,6 +54,7 @@ pub fn router(reply_max_body_bytes: usize) -> Router<AppState> {
         // media: attachments and accounts
         .route("/api/messages/{message_id}/attachments/{attachment_id}", get(attachments::download))
         .route("/api/messages/{message_id}/attachments/{attachment_id}/url", post(attachments::signed_url))
+        .route("/api/accounts", get(accounts::list))
 }
 
 /// CORS for the browser origins allowed to call the REST API (none when the list is

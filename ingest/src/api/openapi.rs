@@ -26,6 +26,7 @@ use super::ErrorBody;
         // media: attachments and accounts
         super::attachments::download,
         super::attachments::signed_url,
+        super::accounts::list,
         messaging_webhook,
         account_status_webhook,
     ),
@@ -34,6 +35,7 @@ use super::ErrorBody;
     tags(
         (name = "inbox", description = "Chats and messages of the token's accounts"),
         (name = "attachments", description = "Files of messages, streamed from Unipile; signed URLs for <img> and <audio>"),
+        (name = "accounts", description = "The token's Unipile accounts and their status"),
         (name = "webhooks", description = "Called by Unipile; authenticated with the Unipile-Auth header"),
     )
 )]

@@ -4,14 +4,18 @@
 //! public URL and secret for `webhooks ensure`, plus the database for `sync`. Results
 //! go to stdout as a table, or as JSON with `--json`; logs go to stderr.
 
-use std::time::Duration;
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Args, Subcommand};
-use runtime::config::parse_strong_secret;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use runtime::config::{parse_prefix, parse_strong_secret};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
+use shared::subjects::Subjects;
 use sqlx::PgPool;
 
 use super::client::{ClientConfig, UnipileClient};
@@ -98,6 +102,14 @@ pub struct SyncCommand {
     /// (2026-11-01, UTC) or an age (90m, 12h, 7d, 2w). Default: the whole history.
     #[arg(long, value_parser = parse_since)]
     pub since: Option<DateTime<Utc>>,
+    /// Subject prefix of the `account:status` events a status change found in Unipile's
+    /// account list becomes (the one `ingest serve` publishes under).
+    #[arg(long, env = "SUBJECT_PREFIX", default_value = "relay.events", value_parser = parse_prefix)]
+    pub subject_prefix: Subjects,
+    /// When stderr is not a terminal, a progress log line at most this often (seconds);
+    /// on a terminal a progress bar is drawn instead.
+    #[arg(long, env = "SYNC_PROGRESS_EVERY_SECS", default_value_t = 10)]
+    pub progress_every_secs: u64,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -213,20 +225,141 @@ pub async fn run_sync(command: SyncCommand) -> anyhow::Result<()> {
     let client = client_from(&command.unipile)?;
     let pool = connect(&command.database).await?;
     let accounts = if command.accounts.is_empty() {
-        sync::known_accounts(&client, &pool).await?
+        sync::known_accounts(&client, &pool, &command.subject_prefix).await?
     } else {
         command.accounts.iter().map(|id| AccountRef { id: id.clone(), account_type: None }).collect()
     };
     if accounts.is_empty() {
         tracing::warn!("no accounts known to the relay or to Unipile; nothing to backfill");
     }
-    let report = sync::sync_accounts(&client, &pool, &accounts, command.since).await?;
+    let progress = SyncProgress::new(accounts.len(), Duration::from_secs(command.progress_every_secs));
+    let report = sync::sync_accounts_with(&client, &pool, &accounts, command.since, &progress).await;
+    let report = progress.finish(report)?;
     if command.output.json {
         print_json(&report)?;
     } else {
         print_report(&report);
     }
     Ok(())
+}
+
+/// What `ingest sync` shows while it works: a bar on a terminal (stderr), otherwise a
+/// log line at most every `every`; then a summary line with the time taken.
+struct SyncProgress {
+    bar: Option<ProgressBar>,
+    accounts: usize,
+    every: Duration,
+    started: Instant,
+    done: Mutex<Done>,
+}
+
+/// Counts so far, and when the last log line went out.
+#[derive(Default)]
+struct Done {
+    accounts_started: usize,
+    chats: usize,
+    chats_skipped: usize,
+    fetched: usize,
+    stored: usize,
+    logged: Option<Instant>,
+}
+
+impl Done {
+    fn summary(&self) -> String {
+        format!(
+            "{} chats ({} skipped), {} messages fetched, {} new",
+            self.chats, self.chats_skipped, self.fetched, self.stored
+        )
+    }
+}
+
+impl SyncProgress {
+    fn new(accounts: usize, every: Duration) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(Some(accounts as u64), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} accounts · {msg}",
+                )
+                .expect("the template is valid"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Self { bar, accounts, every, started: Instant::now(), done: Mutex::new(Done::default()) }
+    }
+
+    /// Updates the bar, or logs when the last line is `every` old.
+    fn show(&self, done: &mut Done) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(done.accounts_started.saturating_sub(1) as u64);
+                bar.set_message(done.summary());
+            }
+            None if done.logged.is_none_or(|at| at.elapsed() >= self.every) => {
+                done.logged = Some(Instant::now());
+                tracing::info!(
+                    accounts = format!("{}/{}", done.accounts_started, self.accounts),
+                    chats = done.chats,
+                    chats_skipped = done.chats_skipped,
+                    messages_fetched = done.fetched,
+                    messages_stored = done.stored,
+                    "backfill progress"
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// Ends the bar and says how it went, the report or the error passed through.
+    fn finish(&self, report: Result<SyncReport, sync::SyncError>) -> Result<SyncReport, sync::SyncError> {
+        let done = self.done.lock().expect("progress lock");
+        let took = self.started.elapsed();
+        if let Some(bar) = &self.bar {
+            match &report {
+                Ok(_) => {
+                    bar.set_position(self.accounts as u64);
+                    bar.finish_with_message(format!("{} in {:.1} s", done.summary(), took.as_secs_f64()));
+                }
+                Err(_) => bar.abandon_with_message(format!("stopped after {}", done.summary())),
+            }
+        }
+        match &report {
+            Ok(r) => tracing::info!(
+                accounts = r.accounts,
+                chats = r.chats,
+                chats_skipped = r.chats_skipped,
+                messages_fetched = r.messages_fetched,
+                messages_stored = r.messages_stored,
+                took_s = format!("{:.1}", took.as_secs_f64()),
+                "backfill done"
+            ),
+            Err(error) => tracing::error!(%error, done = done.summary(), "backfill stopped"),
+        }
+        report
+    }
+}
+
+impl sync::Progress for SyncProgress {
+    fn account_started(&self, _account: &AccountRef) {
+        let mut done = self.done.lock().expect("progress lock");
+        done.accounts_started += 1;
+        self.show(&mut done);
+    }
+
+    fn chat_done(&self, fetched: usize, stored: usize) {
+        let mut done = self.done.lock().expect("progress lock");
+        done.chats += 1;
+        done.fetched += fetched;
+        done.stored += stored;
+        self.show(&mut done);
+    }
+
+    fn chat_skipped(&self) {
+        let mut done = self.done.lock().expect("progress lock");
+        done.chats_skipped += 1;
+        self.show(&mut done);
+    }
 }
 
 async fn connect(database: &DatabaseArgs) -> anyhow::Result<PgPool> {

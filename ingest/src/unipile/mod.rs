@@ -5,10 +5,12 @@
 //! - [`registration`]: keeping the relay's two webhooks registered (at start-up and with
 //!   `ingest webhooks ensure`).
 //! - [`sync`]: history backfill (`ingest sync`, and the catch-up at start-up).
+//! - [`reconnect`]: the backfill of an account that came back after a disconnect.
 //! - [`cli`]: the `ingest webhooks ...` and `ingest sync` commands.
 
 pub mod cli;
 pub mod client;
+pub mod reconnect;
 pub mod registration;
 pub mod sync;
 pub mod types;

@@ -20,16 +20,17 @@
 //! newest first, so paging stops there) and chats whose latest activity is older are
 //! skipped. [`catch_up`] uses it to fetch what arrived while the relay was away.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use shared::envelope::SenderView;
+use shared::subjects::Subjects;
 use sqlx::PgPool;
 
 use super::client::{UnipileClient, UnipileError};
-use super::types::{Chat, Message};
+use super::types::{Account, Chat, Message};
+use crate::outbox::{self, EventLimits};
+use crate::store::accounts::{self, StatusChange};
 use crate::store::messages;
 use crate::store::updates::{self, Change, MessageUpdate};
 use crate::store::views::Person;
@@ -79,24 +80,94 @@ pub struct AccountRef {
 }
 
 /// The accounts a backfill without `--account` covers: those in the relay's `accounts`
-/// table and those Unipile lists under the API key.
+/// table and those Unipile lists under the API key. What the list says of each (name,
+/// provider, status) is recorded on the way ([`record_accounts`]).
 #[tracing::instrument(skip_all, err)]
-pub async fn known_accounts(client: &UnipileClient, pool: &PgPool) -> Result<Vec<AccountRef>, SyncError> {
-    let mut accounts: BTreeMap<String, Option<String>> =
-        sqlx::query_as::<_, (String, Option<String>)>("select id, account_type from accounts")
+pub async fn known_accounts(
+    client: &UnipileClient,
+    pool: &PgPool,
+    subjects: &Subjects,
+) -> Result<Vec<AccountRef>, SyncError> {
+    let listed: Vec<Account> = client.accounts().try_collect().await?;
+    record_accounts(pool, subjects, &listed).await?;
+    let accounts: Vec<AccountRef> =
+        sqlx::query_as::<_, (String, Option<String>)>("select id, account_type from accounts order by id")
             .fetch_all(pool)
             .await?
             .into_iter()
+            .map(|(id, account_type)| AccountRef { id, account_type })
             .collect();
-    let listed: Vec<_> = client.accounts().try_collect().await?;
-    for account in listed {
-        let known = accounts.entry(account.id).or_default();
-        if known.is_none() {
-            *known = account.account_type;
-        }
-    }
-    Ok(accounts.into_iter().map(|(id, account_type)| AccountRef { id, account_type }).collect())
+    Ok(accounts)
 }
+
+/// Records what Unipile's account list says: each account's name and provider
+/// (quietly), and its status through the rules an account-status webhook follows, so a
+/// change is an `account:status` event (committed with it, published by the outbox
+/// relay of any running ingest). No backfill is requested for an account found back:
+/// the caller is backfilling. Returns how many statuses changed.
+pub async fn record_accounts(
+    pool: &PgPool,
+    subjects: &Subjects,
+    listed: &[Account],
+) -> Result<usize, sqlx::Error> {
+    if listed.is_empty() {
+        return Ok(0);
+    }
+    let now = Utc::now();
+    let mut tx = pool.begin().await?;
+    let mut sorted: Vec<&Account> = listed.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    sorted.dedup_by(|a, b| a.id == b.id);
+    for account in &sorted {
+        sqlx::query(
+            "insert into accounts (id, account_type, name) values ($1, $2, $3)
+             on conflict (id) do update set
+                 name = coalesce(excluded.name, accounts.name),
+                 account_type = coalesce(accounts.account_type, excluded.account_type),
+                 updated_at = now()
+             where accounts.name is distinct from coalesce(excluded.name, accounts.name)
+                or (accounts.account_type is null and excluded.account_type is not null)",
+        )
+        .bind(&account.id)
+        .bind(&account.account_type)
+        .bind(&account.name)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let changes: Vec<StatusChange> = sorted
+        .iter()
+        .filter_map(|account| {
+            account.status().map(|status| StatusChange {
+                account_id: account.id.clone(),
+                account_type: account.account_type.clone(),
+                status: status.to_owned(),
+                at: now,
+                backfill_on_return: false,
+            })
+        })
+        .collect();
+    let written = accounts::apply(&mut tx, &changes.iter().collect::<Vec<_>>()).await?;
+    let mut events: Vec<_> = written.into_iter().flat_map(|w| w.events).collect();
+    let changed = events.len();
+    outbox::enqueue(&mut tx, subjects, &EventLimits::default(), &mut events).await?;
+    tx.commit().await?;
+    Ok(changed)
+}
+
+/// Told how a backfill goes, chat after chat ([`sync_accounts_with`]).
+pub trait Progress: Send + Sync {
+    /// `account` is next.
+    fn account_started(&self, _account: &AccountRef) {}
+    /// A chat is done: `fetched` messages read from Unipile, `stored` of them new.
+    fn chat_done(&self, _fetched: usize, _stored: usize) {}
+    /// A chat was skipped (no activity since `since`).
+    fn chat_skipped(&self) {}
+}
+
+/// Tells nobody.
+pub struct Quiet;
+
+impl Progress for Quiet {}
 
 /// Backfills every chat of each account.
 pub async fn sync_accounts(
@@ -105,9 +176,21 @@ pub async fn sync_accounts(
     accounts: &[AccountRef],
     since: Option<DateTime<Utc>>,
 ) -> Result<SyncReport, SyncError> {
+    sync_accounts_with(client, pool, accounts, since, &Quiet).await
+}
+
+/// [`sync_accounts`], telling `progress` as it goes.
+pub async fn sync_accounts_with(
+    client: &UnipileClient,
+    pool: &PgPool,
+    accounts: &[AccountRef],
+    since: Option<DateTime<Utc>>,
+    progress: &dyn Progress,
+) -> Result<SyncReport, SyncError> {
     let mut total = SyncReport::default();
     for account in accounts {
-        total.add(&sync_account(client, pool, account, since).await?);
+        progress.account_started(account);
+        total.add(&sync_account(client, pool, account, since, progress).await?);
     }
     Ok(total)
 }
@@ -120,6 +203,7 @@ pub async fn sync_account(
     pool: &PgPool,
     account: &AccountRef,
     since: Option<DateTime<Utc>>,
+    progress: &dyn Progress,
 ) -> Result<SyncReport, SyncError> {
     sqlx::query(
         "insert into accounts (id, account_type) values ($1, $2)
@@ -139,12 +223,14 @@ pub async fn sync_account(
         }
         if since.zip(chat.timestamp).is_some_and(|(since, active)| active < since) {
             report.chats_skipped += 1;
+            progress.chat_skipped();
             continue;
         }
         let (fetched, stored) = sync_chat(client, pool, &chat, account, since).await?;
         report.chats += 1;
         report.messages_fetched += fetched;
         report.messages_stored += stored;
+        progress.chat_done(fetched, stored);
     }
     tracing::info!(
         chats = report.chats,
@@ -315,7 +401,7 @@ pub async fn catch_up(client: &UnipileClient, pool: &PgPool) -> Result<SyncRepor
     let mut total = SyncReport::default();
     for (id, account_type, since) in latest {
         let account = AccountRef { id, account_type };
-        total.add(&sync_account(client, pool, &account, Some(since)).await?);
+        total.add(&sync_account(client, pool, &account, Some(since), &Quiet).await?);
     }
     Ok(total)
 }

@@ -101,6 +101,29 @@ pub struct Account {
     pub account_type: Option<String>,
     #[serde(default, deserialize_with = "lenient::opt_string")]
     pub name: Option<String>,
+    /// The account's sources (messaging, ...), each with its own status.
+    #[serde(default, deserialize_with = "lenient::lenient_list")]
+    pub sources: Vec<AccountSource>,
+}
+
+/// One source of an account and its status (`OK`, `CREDENTIALS`, `STOPPED`, ...).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct AccountSource {
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub id: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub status: Option<String>,
+}
+
+impl Account {
+    /// The account's status as one word: the first source's that is not `OK`, else
+    /// `OK`; `None` when no source says.
+    pub fn status(&self) -> Option<&str> {
+        let mut statuses = self.sources.iter().filter_map(|s| s.status.as_deref()).map(str::trim);
+        let first = statuses.next()?;
+        let mut all = std::iter::once(first).chain(statuses);
+        Some(all.find(|s| !s.eq_ignore_ascii_case("OK")).unwrap_or(first))
+    }
 }
 
 /// A chat, as `GET /chats` lists it.
@@ -195,6 +218,28 @@ mod tests {
     use super::*;
     use crate::payload::tests::fixture;
     use serde_json::json;
+
+    #[test]
+    fn account_list_fixture_reads_with_name_and_status() {
+        let page: Page<Account> = serde_json::from_value(fixture("api_account_list.json")).unwrap();
+        let account = &page.items[0];
+        assert_eq!(account.name.as_deref(), Some("+14155550123"));
+        assert_eq!(account.account_type.as_deref(), Some("WHATSAPP"));
+        assert_eq!(account.status(), Some("OK"));
+    }
+
+    #[test]
+    fn an_account_is_as_well_as_its_worst_source() {
+        let account = |sources: Value| -> Account {
+            serde_json::from_value(json!({"id": "a", "sources": sources})).unwrap()
+        };
+        let two = json!([{"id": "m", "status": "OK"}, {"id": "c", "status": "CREDENTIALS"}]);
+        assert_eq!(account(two).status(), Some("CREDENTIALS"));
+        assert_eq!(account(json!({"status": "STOPPED"})).status(), Some("STOPPED"));
+        assert_eq!(account(json!([{"id": "m"}])).status(), None);
+        assert_eq!(account(json!("odd")).status(), None);
+        assert_eq!(account(Value::Null).status(), None);
+    }
 
     #[test]
     fn webhook_list_fixture_reads_with_headers_and_events() {

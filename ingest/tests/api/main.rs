@@ -4,6 +4,7 @@
 //! and NATS with JetStream (NATS_URL, default nats://127.0.0.1:4222); `.ci/run` makes
 //! sure both are up. A test fails with a clear message when one is missing.
 
+mod accounts;
 mod attachments;
 mod dead_letters;
 mod events;

@@ -210,3 +210,65 @@ async fn unipile_command_sync_backfills_and_a_rerun_stores_nothing() {
     let values: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(values, ["1", "2", "0", "3", "0"], "{text}");
 }
+
+#[tokio::test]
+async fn unipile_command_sync_logs_progress_and_a_summary_when_not_on_a_terminal() {
+    let fake = FakeUnipile::start().await;
+    fake.serve_history().await;
+    let dsn = fake.dsn();
+    let database = create_database("ingest").await;
+    let output = Command::new(env!("CARGO_BIN_EXE_ingest"))
+        .args(["sync"])
+        .env_clear()
+        .envs([
+            ("UNIPILE_DSN", dsn.as_str()),
+            ("UNIPILE_API_KEY", API_KEY),
+            ("DATABASE_URL", database.url.as_str()),
+            ("SYNC_PROGRESS_EVERY_SECS", "0"),
+            ("RUST_LOG", "info"),
+        ])
+        .output()
+        .await
+        .expect("the ingest binary runs");
+    assert_success(&output);
+    let log = stderr(&output);
+    let progress: Vec<&str> = log.lines().filter(|l| l.contains("backfill progress")).collect();
+    assert!(progress.len() >= 2, "a line as the work goes:\n{log}");
+    assert!(progress.last().unwrap().contains("chats=2"), "chats counted:\n{log}");
+    let done =
+        log.lines().find(|l| l.contains("backfill done")).unwrap_or_else(|| panic!("a summary:\n{log}"));
+    assert!(done.contains("messages_stored=3") && done.contains("took_s="), "{done}");
+    assert!(!log.contains('\u{1b}'), "no bar drawn into a log:\n{log}");
+}
+
+#[tokio::test]
+async fn unipile_command_sync_draws_a_progress_bar_on_a_terminal() {
+    let fake = FakeUnipile::start().await;
+    fake.serve_history().await;
+    let dsn = fake.dsn();
+    let database = create_database("ingest").await;
+    // `script` runs the command on a pseudo-terminal, as a person's shell would.
+    let command = format!("{} sync", env!("CARGO_BIN_EXE_ingest"));
+    let output = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_clear()
+        .envs([
+            ("UNIPILE_DSN", dsn.as_str()),
+            ("UNIPILE_API_KEY", API_KEY),
+            ("DATABASE_URL", database.url.as_str()),
+            ("RUST_LOG", "warn"),
+            ("PATH", "/usr/bin:/bin"),
+            ("TERM", "xterm"),
+        ])
+        .output()
+        .await
+        .expect("script (util-linux) runs");
+    assert_success(&output);
+    let screen = stdout(&output);
+    assert!(screen.contains("1/1 accounts"), "the bar counts accounts:\n{screen}");
+    assert!(
+        screen.contains("2 chats (0 skipped), 3 messages fetched, 3 new in"),
+        "the bar's last words:\n{screen}"
+    );
+    assert!(screen.contains("MESSAGES_STORED"), "then the summary table:\n{screen}");
+}

@@ -197,7 +197,13 @@ async fn unipile_known_accounts_are_the_database_ones_and_unipiles() {
         .execute(&pool)
         .await
         .unwrap();
-    let accounts = sync::known_accounts(&fake.client(), &pool).await.unwrap();
+    let accounts = sync::known_accounts(
+        &fake.client(),
+        &pool,
+        &shared::subjects::Subjects::new("relay.events").unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         accounts,
         [
