@@ -36,8 +36,13 @@ pub fn spawn_start_up_tasks(config: &ServeConfig, pool: PgPool) -> Vec<JoinHandl
     if config.catch_up.catch_up_on_start {
         match cli::client_from(&config.unipile) {
             Ok(client) => tasks.push(tokio::spawn(
-                sync::run_catch_up(client, pool, BackgroundBackoff::default())
-                    .instrument(tracing::info_span!("unipile_catch_up")),
+                sync::run_catch_up(
+                    client,
+                    pool,
+                    config.nats.subject_prefix.clone(),
+                    BackgroundBackoff::default(),
+                )
+                .instrument(tracing::info_span!("unipile_catch_up")),
             )),
             Err(reason) => tracing::warn!(
                 reason = %reason,

@@ -385,11 +385,18 @@ pub fn to_new_message(
     }
 }
 
-/// Backfills, for every account the relay has messages of, what arrived since the
-/// newest message it holds (messages at that very instant are fetched again and
-/// recognised as duplicates). Accounts without messages are left to `ingest sync`.
+/// Records Unipile's account list ([`record_accounts`]), then backfills, for every
+/// account the relay has messages of, what arrived since the newest message it holds
+/// (messages at that very instant are fetched again and recognised as duplicates).
+/// Accounts without messages are left to `ingest sync`.
 #[tracing::instrument(skip_all, err)]
-pub async fn catch_up(client: &UnipileClient, pool: &PgPool) -> Result<SyncReport, SyncError> {
+pub async fn catch_up(
+    client: &UnipileClient,
+    pool: &PgPool,
+    subjects: &Subjects,
+) -> Result<SyncReport, SyncError> {
+    let listed: Vec<Account> = client.accounts().try_collect().await?;
+    record_accounts(pool, subjects, &listed).await?;
     let latest: Vec<(String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
         "select a.id, a.account_type, max(m.sent_at)
          from accounts a join messages m on m.account_id = a.id
@@ -416,11 +423,12 @@ pub const CATCH_UP_LOCK_KEY: i64 = 0x756e_6970_696c_6573;
 pub async fn run_catch_up(
     client: UnipileClient,
     pool: PgPool,
+    subjects: Subjects,
     backoff: super::registration::BackgroundBackoff,
 ) {
     let mut pause = backoff.first;
     loop {
-        match catch_up_once(&client, &pool).await {
+        match catch_up_once(&client, &pool, &subjects).await {
             Ok(Some(report)) => {
                 tracing::info!(
                     accounts = report.accounts,
@@ -444,7 +452,11 @@ pub async fn run_catch_up(
 }
 
 /// [`catch_up`] under [`CATCH_UP_LOCK_KEY`]; `None` when another replica holds it.
-async fn catch_up_once(client: &UnipileClient, pool: &PgPool) -> Result<Option<SyncReport>, SyncError> {
+async fn catch_up_once(
+    client: &UnipileClient,
+    pool: &PgPool,
+    subjects: &Subjects,
+) -> Result<Option<SyncReport>, SyncError> {
     let mut lock = pool.begin().await?;
     let acquired: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
         .bind(CATCH_UP_LOCK_KEY)
@@ -453,7 +465,7 @@ async fn catch_up_once(client: &UnipileClient, pool: &PgPool) -> Result<Option<S
     if !acquired {
         return Ok(None);
     }
-    let report = catch_up(client, pool).await?;
+    let report = catch_up(client, pool, subjects).await?;
     lock.commit().await?;
     Ok(Some(report))
 }

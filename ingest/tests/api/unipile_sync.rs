@@ -34,6 +34,10 @@ async fn snapshot(pool: &PgPool) -> Vec<Value> {
     tables
 }
 
+fn subjects() -> shared::subjects::Subjects {
+    shared::subjects::Subjects::new("relay.events").unwrap()
+}
+
 fn account() -> AccountRef {
     AccountRef { id: ACCOUNT_ID.into(), account_type: None }
 }
@@ -175,7 +179,7 @@ async fn unipile_catch_up_fetches_what_arrived_since_the_newest_stored_message()
     let (pool, _database) = migrated_database().await;
     seed_one_stored_message(&pool).await;
 
-    let report = sync::catch_up(&fake.client(), &pool).await.unwrap();
+    let report = sync::catch_up(&fake.client(), &pool, &subjects()).await.unwrap();
     assert_eq!((report.chats, report.chats_skipped, report.messages_stored), (1, 1, 1));
     let ids: Vec<String> =
         sqlx::query_scalar("select id from messages order by sent_at").fetch_all(&pool).await.unwrap();
@@ -197,13 +201,7 @@ async fn unipile_known_accounts_are_the_database_ones_and_unipiles() {
         .execute(&pool)
         .await
         .unwrap();
-    let accounts = sync::known_accounts(
-        &fake.client(),
-        &pool,
-        &shared::subjects::Subjects::new("relay.events").unwrap(),
-    )
-    .await
-    .unwrap();
+    let accounts = sync::known_accounts(&fake.client(), &pool, &subjects()).await.unwrap();
     assert_eq!(
         accounts,
         [
@@ -232,15 +230,18 @@ async fn unipile_start_up_catch_up_runs_on_one_replica_at_a_time() {
         .unwrap();
     tokio::time::timeout(
         Duration::from_secs(5),
-        sync::run_catch_up(fake.client(), pool.clone(), backoff.clone()),
+        sync::run_catch_up(fake.client(), pool.clone(), subjects(), backoff.clone()),
     )
     .await
     .expect("a replica that finds the catch-up taken does not wait for it");
     assert_eq!(count().await, 1, "skipped while another replica runs it");
     other_replica.rollback().await.unwrap();
 
-    tokio::time::timeout(Duration::from_secs(10), sync::run_catch_up(fake.client(), pool.clone(), backoff))
-        .await
-        .expect("the catch-up finishes");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        sync::run_catch_up(fake.client(), pool.clone(), subjects(), backoff),
+    )
+    .await
+    .expect("the catch-up finishes");
     assert_eq!(count().await, 2);
 }
