@@ -155,27 +155,15 @@ impl Relay {
         id: &str,
         is_sender: bool,
     ) -> String {
-        let body = json!({
-            "event": "message_received",
-            "account_id": account,
-            "account_type": "WHATSAPP",
-            "account_info": {"type": "WHATSAPP", "phone_number": "+14155550123"},
-            "webhook_name": "relay-messaging",
-            "chat_id": chat,
-            "attendees": [{"attendee_id": format!("{chat}-att"), "attendee_name": format!("Contact {chat}"),
-                           "attendee_provider_id": "15105550199@s.whatsapp.net", "attendee_profile_url": null}],
-            "sender": {"attendee_id": format!("{chat}-att"), "attendee_name": format!("Contact {chat}"),
-                       "attendee_provider_id": "15105550199@s.whatsapp.net", "attendee_profile_url": null},
-            "message": text,
-            "message_id": id,
-            "timestamp": chrono_now(),
-            "attachments": [],
-            "is_sender": is_sender,
-            "is_group": false,
-        });
+        self.post_delivery("messages", &messaging_body(account, chat, text, id, is_sender)).await
+    }
+
+    /// Posts a webhook delivery to `/api/webhooks/unipile/{endpoint}` (`messages` or
+    /// `account-status`); asserts a 200 and returns ingest's `status` answer.
+    pub async fn post_delivery(&self, endpoint: &str, body: &Value) -> String {
         let response = self
             .client
-            .post(format!("{}/api/webhooks/unipile/messages", self.ingest_url))
+            .post(format!("{}/api/webhooks/unipile/{endpoint}", self.ingest_url))
             .header("Unipile-Auth", WEBHOOK_SECRET)
             .header("Content-Type", "application/json")
             .body(body.to_string())
@@ -210,6 +198,29 @@ impl Relay {
 
 async fn async_nats_connect() -> Result<async_nats::Client, async_nats::ConnectError> {
     async_nats::connect(nats_url()).await
+}
+
+/// A `message_received` delivery as Unipile sends it (`is_sender` for the echo of the
+/// account's own message), without attachments.
+pub fn messaging_body(account: &str, chat: &str, text: &str, id: &str, is_sender: bool) -> Value {
+    json!({
+        "event": "message_received",
+        "account_id": account,
+        "account_type": "WHATSAPP",
+        "account_info": {"type": "WHATSAPP", "phone_number": "+14155550123"},
+        "webhook_name": "relay-messaging",
+        "chat_id": chat,
+        "attendees": [{"attendee_id": format!("{chat}-att"), "attendee_name": format!("Contact {chat}"),
+                       "attendee_provider_id": "15105550199@s.whatsapp.net", "attendee_profile_url": null}],
+        "sender": {"attendee_id": format!("{chat}-att"), "attendee_name": format!("Contact {chat}"),
+                   "attendee_provider_id": "15105550199@s.whatsapp.net", "attendee_profile_url": null},
+        "message": text,
+        "message_id": id,
+        "timestamp": chrono_now(),
+        "attachments": [],
+        "is_sender": is_sender,
+        "is_group": false,
+    })
 }
 
 fn chrono_now() -> String {
