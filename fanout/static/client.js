@@ -84,6 +84,9 @@
  * @property {string[]} [chatIds]             narrow the connection to these chats (re-sent on every reconnect)
  * @property {number} [baseDelayMs=500]       first backoff step
  * @property {number} [maxDelayMs=30000]      backoff cap
+ * @property {number} [openTimeoutMs=2000]    an upgrade not answered within this is given up and tried
+ *   again (a hung replica: its TCP accepts, nothing answers; through a round-robin gateway the
+ *   next try reaches another replica)
  * @property {typeof WebSocket} [WebSocketImpl]
  * @property {string} [api]                   ingest's REST base URL (e.g. https://relay.example.com), for {@link RelayClient#send}
  */
@@ -123,7 +126,7 @@ const REMEMBERED_IDS = 1000;
 export class RelayClient {
   /** @param {RelayClientOptions} options */
   constructor(options) {
-    this.options = { baseDelayMs: 500, maxDelayMs: 30000, ...options };
+    this.options = { baseDelayMs: 500, maxDelayMs: 30000, openTimeoutMs: 2000, ...options };
     /** @type {number | null} last sequence number delivered to handlers */
     this.lastSeq = options.since ?? null;
     /** @type {WebSocket | null} */
@@ -302,8 +305,16 @@ export class RelayClient {
     // selects "relay.v1".
     const socket = new Impl(target.toString(), ["relay.v1", `bearer.${jwt}`]);
     this.socket = socket;
+    const openTimer = setTimeout(() => {
+      if (this.socket !== socket || socket.readyState !== 0) return;
+      this.emit("error", { code: "open_timeout", message: `no answer to the upgrade in ${this.options.openTimeoutMs} ms` });
+      socket.onclose?.({ code: 1006, reason: "open timeout" });
+      socket.close();
+    }, this.options.openTimeoutMs);
+    socket.onopen = () => clearTimeout(openTimer);
     socket.onmessage = (message) => this.receive(socket, message.data);
     socket.onclose = (close) => {
+      clearTimeout(openTimer);
       if (this.socket !== socket) return;
       clearInterval(this.pingTimer);
       this.socket = null;

@@ -5,6 +5,7 @@
 //! fails and says what is missing. Screenshots land in `target/e2e/`. The `tail` module
 //! checks `fanout tail` against the same in-process relay.
 
+mod compose_up;
 mod harness;
 mod media;
 mod replies;
@@ -290,6 +291,57 @@ async fn a_crafted_link_sends_no_request_and_no_token_to_another_origin() {
         .wait_until("history through the listed API", &messages_show("Only for the right eyes"), WAIT)
         .await;
 
+    browser.close().await;
+    relay.shutdown().await;
+}
+
+/// A hung replica (`docker pause`): its kernel still takes the TCP connection, nothing
+/// answers the upgrade, and nginx cannot tell. client.js gives an upgrade 2 s
+/// (`openTimeoutMs`) and tries again, which a round-robin gateway hands to the next
+/// replica: here the next try goes to a live fanout, as the gateway would send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_js_gives_up_an_upgrade_nobody_answers_after_two_seconds_and_tries_again() {
+    let relay = Relay::start().await;
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); // listens, never accepts
+    let hung_url = format!("ws://127.0.0.1:{}/ws/messages", hung.local_addr().unwrap().port());
+    let live_url = format!("{}/ws/messages", relay.fanout_url().replacen("http", "ws", 1));
+    let browser = Browser::start().await;
+    browser.client.goto(&format!("{}/client.js", relay.fanout_url())).await.expect("client.js loads");
+    browser
+        .client
+        .execute_async(
+            "const [hung, live, token, done] = arguments;
+             import('/client.js').then(({ RelayClient }) => {
+               window.log = [];
+               const started = performance.now();
+               window.relay = new RelayClient({ url: hung, token });
+               window.relay.on('error', (e) => {
+                 window.log.push({ what: e.code, at: performance.now() - started });
+                 window.relay.options.url = live; // the gateway's next replica
+               });
+               window.relay.on('hello', () => window.log.push({ what: 'hello', at: performance.now() - started }));
+               window.relay.connect();
+               done(null);
+             });",
+            vec![hung_url.into(), live_url.into(), relay.token().into()],
+        )
+        .await
+        .expect("client.js imports and connects");
+    browser
+        .wait_until(
+            "the client is live on the other replica",
+            "window.log.some((e) => e.what === 'hello')",
+            WAIT,
+        )
+        .await;
+    let log = browser.eval("window.log").await;
+    let log = log.as_array().unwrap();
+    assert_eq!(log[0]["what"], "open_timeout", "{log:?}");
+    let gave_up = log[0]["at"].as_f64().unwrap();
+    assert!((1900.0..3000.0).contains(&gave_up), "gave up the hung upgrade after {gave_up} ms");
+    let live = log.iter().find(|e| e["what"] == "hello").unwrap()["at"].as_f64().unwrap();
+    assert!(live < 4000.0, "live on another replica {live} ms after connect()");
+    drop(hung);
     browser.close().await;
     relay.shutdown().await;
 }
