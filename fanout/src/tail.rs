@@ -6,6 +6,7 @@
 //! fanout tail 'relay.events.ACC.>'     # one account
 //! fanout tail --since 0                # everything the stream still holds, then live
 //! fanout tail --json                   # one envelope (with seq) per line
+//! fanout tail --subjects               # seq and subject per line, as `nats sub` shows
 //! ```
 //!
 //! It reads with an ordered, ephemeral consumer: nothing is acknowledged and nothing is
@@ -34,6 +35,9 @@ pub struct TailArgs {
     /// Print each event as one JSON line (the envelope with `seq`) instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Print each event's sequence and NATS subject only (what `nats sub` shows).
+    #[arg(long, conflicts_with = "json")]
+    pub subjects: bool,
     #[command(flatten)]
     pub nats: NatsArgs,
 }
@@ -67,7 +71,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     while let Some(message) = messages.next().await {
         let message = message.context("reading the stream")?;
         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let line = if args.json {
+        let line = if args.subjects {
+            format!("{seq:>7}  {}", message.subject)
+        } else if args.json {
             let stamped = shared::envelope::stamp_seq(&message.payload, seq)
                 .unwrap_or_else(|| message.payload.to_vec());
             String::from_utf8_lossy(&stamped).into_owned()
