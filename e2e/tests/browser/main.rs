@@ -6,6 +6,7 @@
 //! checks `fanout tail` against the same in-process relay.
 
 mod harness;
+mod presence;
 mod replies;
 mod tail;
 
