@@ -105,7 +105,8 @@
  * @property {number} [maxDelayMs=30000]      backoff cap
  * @property {typeof WebSocket} [WebSocketImpl]
  * @property {string} [api]                   ingest's REST base URL (e.g. https://relay.example.com), for {@link RelayClient#send}
- * @property {number} [typingEveryMs=1500]    at most one `typing` frame per chat this often
+ * @property {number} [typingEveryMs=2000]    at most one `typing` frame per chat this often (others see it
+ *   for FANOUT_TYPING_EXPIRY_MS, 5 s, after the last)
  */
 
 /**
@@ -199,7 +200,7 @@ export class RelayClient {
   typing(chatId, accountId = this.chatAccounts.get(chatId)) {
     if (!accountId) return false;
     const now = Date.now();
-    if (now - (this.typingSentAt.get(chatId) ?? 0) < (this.options.typingEveryMs ?? 1500)) return true;
+    if (now - (this.typingSentAt.get(chatId) ?? 0) < (this.options.typingEveryMs ?? 2000)) return true;
     this.typingSentAt.set(chatId, now);
     if (this.typingSentAt.size > 16) this.typingSentAt.delete(this.typingSentAt.keys().next().value);
     this.sendFrame({ type: "typing", account_id: accountId, chat_id: chatId });
