@@ -3,13 +3,13 @@
 //! path at a steady rate the whole time. First phase: presence off (agents connected,
 //! silent). Second phase: presence on (every agent has a chat of its team open and
 //! moves to another every `--view-secs`, a share of them typing, sending `typing` every
-//! `--typing-every-ms` as `client.js` does). Reports, per phase, the event delivery
+//! `--typing-every-ms` as `client.js` does); `--rounds` alternates the two. Reports, per phase, the event delivery
 //! latency across all agents and the presence traffic on core NATS (a plain subscriber
 //! on the presence prefix counts messages and bytes: what each fanout replica
 //! receives), scaled to 1,000 agents, and the presence frames the agents received.
 //!
 //! ```text
-//! loadgen --threads 1 presence --url ws://127.0.0.1:18001/ws/messages --agents 1000 \
+//! loadgen --threads 1 presence --url ws://127.0.0.1:18001/ws/messages --agents 1000 --rounds 4 \
 //!   --subject-prefix loadtest.fanout --stream-name LOADTEST_FANOUT --presence-prefix relay.presence
 //! ```
 //!
@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::broadcast::sent_us;
 use crate::idle::{loopback_target, open_with_hello};
 use crate::publish::{PublishArgs, Publisher};
-use crate::report::{self, now_us};
+use crate::report::{self, CpuTime, now_us};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -70,6 +70,13 @@ pub struct Args {
     /// Seconds of each phase.
     #[arg(long, default_value_t = 15)]
     duration: u64,
+    /// Off-then-on rounds; more rounds interleave the two phases, so a machine whose
+    /// background load drifts weighs on both alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: u64,
+    /// fanout's process id, to report its CPU use in each phase.
+    #[arg(long)]
+    pid: Option<u32>,
     /// Loopback source addresses to spread connections over (127.0.0.1, .2, ...).
     #[arg(long, default_value_t = 4)]
     source_ips: u8,
@@ -182,10 +189,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    // Events the whole time: the last second of warm-up, then both phases.
+    // Events the whole time: the last second of warm-up, then every phase with a second
+    // between phases (not recorded) for the switch to settle.
+    let rounds = args.rounds.clamp(1, 20);
     let publishing = tokio::spawn({
         let interval = Duration::from_secs_f64(1.0 / rate as f64);
-        let total = rate * (2 * duration.as_secs() + 1);
+        let total = rate * (rounds * 2 * (duration.as_secs() + 1) + 1);
         async move {
             let start = Instant::now();
             let mut failed = 0u64;
@@ -199,11 +208,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             failed
         }
     });
+    let pid = args.pid.map(|pid| pid.to_string());
+    let cpu = |pid: &Option<String>| -> anyhow::Result<Duration> {
+        Ok(match pid {
+            Some(pid) => {
+                let t = CpuTime::of(pid)?;
+                t.user + t.system
+            }
+            None => Duration::ZERO,
+        })
+    };
+    let mut cpu_used = [Duration::ZERO; 2];
+    for _ in 0..rounds {
+        for (i, phase) in [Phase::Off, Phase::On].into_iter().enumerate() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let before = cpu(&pid)?;
+            phase_tx.send_replace(phase);
+            tokio::time::sleep(duration).await;
+            phase_tx.send_replace(Phase::Warmup);
+            cpu_used[i] += cpu(&pid)?.saturating_sub(before);
+        }
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    phase_tx.send_replace(Phase::Off);
-    tokio::time::sleep(duration).await;
-    phase_tx.send_replace(Phase::On);
-    tokio::time::sleep(duration).await;
     phase_tx.send_replace(Phase::Done);
     let failed = publishing.await.unwrap_or(0);
     counter.abort();
@@ -211,10 +237,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         agent.abort();
     }
 
-    let seconds = duration.as_secs_f64();
+    let seconds = duration.as_secs_f64() * rounds as f64;
     let per_thousand = 1000.0 / args.agents.max(1) as f64;
-    println!("events: {rate}/s to every agent ({} publish failures)", failed);
-    for (label, measured) in [("presence off", &shared.off), ("presence on ", &shared.on)] {
+    println!(
+        "events: {rate}/s to every agent ({failed} publish failures); {rounds} round(s) of {}s off, {}s on",
+        duration.as_secs(),
+        duration.as_secs()
+    );
+    for (i, (label, measured)) in
+        [("presence off", &shared.off), ("presence on ", &shared.on)].into_iter().enumerate()
+    {
+        if pid.is_some() {
+            println!("{label}: fanout CPU {:.1}% of one core", 100.0 * cpu_used[i].as_secs_f64() / seconds);
+        }
         let latency = measured.latency.lock().unwrap_or_else(|p| p.into_inner());
         let messages = measured.nats_messages.load(Ordering::Relaxed) as f64 / seconds;
         let bytes = measured.nats_bytes.load(Ordering::Relaxed) as f64 / seconds;
@@ -281,41 +316,51 @@ async fn agent(ws: crate::idle::Ws, agent: Agent, shared: Arc<Shared>, mut phase
         }
     };
     let writer = async move {
-        while *phase.borrow_and_update() != Phase::On {
-            if phase.changed().await.is_err() {
-                return;
-            }
-        }
-        // Agents do not all start at the same instant.
-        let jitter = Duration::from_millis(agent.first_chat as u64 * 7 % 1000);
-        tokio::time::sleep(jitter).await;
-        let mut k = agent.first_chat;
-        let mut opened_at = Instant::now();
-        let mut typing = tokio::time::interval(agent.typing_every);
         let viewing = |k: usize| {
             let chat = &agent.chats[k % agent.chats.len()];
             Message::text(
                 json!({"type": "viewing", "account_id": agent.account, "chat_id": chat}).to_string(),
             )
         };
-        if sink.send(viewing(k)).await.is_err() {
-            return;
-        }
+        let mut k = agent.first_chat;
         loop {
-            typing.tick().await;
-            if opened_at.elapsed() >= agent.view_for {
-                k += 1;
-                opened_at = Instant::now();
-                if sink.send(viewing(k)).await.is_err() {
+            // Silent until presence is on.
+            while *phase.borrow_and_update() != Phase::On {
+                if *phase.borrow() == Phase::Done || phase.changed().await.is_err() {
                     return;
                 }
             }
-            if agent.typing {
-                let chat = &agent.chats[k % agent.chats.len()];
-                let frame = json!({"type": "typing", "account_id": agent.account, "chat_id": chat});
-                if sink.send(Message::text(frame.to_string())).await.is_err() {
-                    return;
+            // Agents do not all start at the same instant.
+            tokio::time::sleep(Duration::from_millis(agent.first_chat as u64 * 7 % 1000)).await;
+            if sink.send(viewing(k)).await.is_err() {
+                return;
+            }
+            let mut opened_at = Instant::now();
+            let mut typing = tokio::time::interval(agent.typing_every);
+            while *phase.borrow() == Phase::On {
+                tokio::select! {
+                    _ = typing.tick() => {}
+                    changed = phase.changed() => if changed.is_err() { return } else { continue },
                 }
+                if opened_at.elapsed() >= agent.view_for {
+                    k += 1;
+                    opened_at = Instant::now();
+                    if sink.send(viewing(k)).await.is_err() {
+                        return;
+                    }
+                }
+                if agent.typing {
+                    let chat = &agent.chats[k % agent.chats.len()];
+                    let frame = json!({"type": "typing", "account_id": agent.account, "chat_id": chat});
+                    if sink.send(Message::text(frame.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // Presence off again: close the chat.
+            let close = json!({"type": "viewing", "chat_id": null}).to_string();
+            if sink.send(Message::text(close)).await.is_err() {
+                return;
             }
         }
     };
