@@ -182,6 +182,17 @@ fn a_replica_that_answers_503_is_skipped_for_another_one() {
     assert!(busy_hits.load(load) >= 1, "round robin did try the busy one");
 }
 
+#[test]
+fn the_presence_endpoint_under_api_reaches_fanout() {
+    // Presence lives in fanout, while the rest of /api/ is ingest's.
+    let ready = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nready";
+    let (fanout, hits) = replica(ready);
+    let gateway = Gateway::start(&[fanout]);
+    let answer = get(gateway.port, "/api/chats/chat_1/presence?account_id=acc");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ready"), "{answer}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "fanout answered it");
+}
+
 /// A replica whose address takes no new connection, as a killed container's address does
 /// until the gateway's DNS forgets it (up to `resolver valid=10s`): a listener with a
 /// backlog of 0 that never accepts, its one queue slot taken, so the kernel drops every

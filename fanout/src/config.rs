@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use runtime::config::{NatsArgs, TelemetryArgs, parse_strong_secret};
 use secrecy::SecretString;
+use shared::subjects::Subjects;
 
 /// `fanout` with no subcommand serves; `fanout token` mints a token for trying it out.
 #[derive(Debug, Parser)]
@@ -59,7 +60,7 @@ where
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Follow the stream and serve WebSocket clients (the default).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Print a client token signed with JWT_SECRET (for development and load tests).
     Token(TokenArgs),
     /// Print events from the JetStream stream as readable lines (or JSON with --json).
@@ -131,6 +132,67 @@ pub struct Config {
     /// Seconds to wait for sockets to close on shutdown.
     #[arg(long, env = "FANOUT_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
     pub shutdown_grace_secs: u64,
+    #[command(flatten)]
+    pub presence: PresenceArgs,
+}
+
+/// Typing and viewing between agents: on core NATS, never the stream or the database.
+#[derive(Debug, Clone, Args)]
+pub struct PresenceArgs {
+    /// Core NATS subject prefix presence travels under (`{prefix}.{account}.{chat}`);
+    /// must not overlap SUBJECT_PREFIX, which the stream stores.
+    #[arg(long, env = "FANOUT_PRESENCE_PREFIX", default_value = "relay.presence", value_parser = parse_subjects)]
+    pub presence_prefix: Subjects,
+    /// Milliseconds "is typing" lasts without a repeated `typing` frame.
+    #[arg(long, env = "FANOUT_TYPING_EXPIRY_MS", default_value_t = 5_000)]
+    pub typing_expiry_ms: u64,
+    /// Milliseconds between re-announcements of what this replica's clients are viewing.
+    #[arg(long, env = "FANOUT_PRESENCE_HEARTBEAT_MS", default_value_t = 5_000)]
+    pub presence_heartbeat_ms: u64,
+    /// Milliseconds after which a viewer not re-announced is gone: the bound within which
+    /// a dead replica's clients disappear (at least twice the heartbeat).
+    #[arg(long, env = "FANOUT_PRESENCE_EXPIRY_MS", default_value_t = 15_000)]
+    pub presence_expiry_ms: u64,
+    /// `typing` and `viewing` frames one connection may send per second (twice as many in
+    /// a burst); more are dropped with a `rate_limited` error frame (at most one a second).
+    #[arg(long, env = "FANOUT_PRESENCE_FRAMES_PER_SEC", default_value_t = 10)]
+    pub presence_frames_per_sec: u32,
+    /// Most viewers this replica keeps in its presence table (all accounts together);
+    /// announcements beyond it are ignored and counted.
+    #[arg(long, env = "FANOUT_PRESENCE_MAX_ENTRIES", default_value_t = 100_000)]
+    pub presence_max_entries: usize,
+}
+
+impl Default for PresenceArgs {
+    fn default() -> Self {
+        Self {
+            presence_prefix: Subjects::new("relay.presence").expect("a valid prefix"),
+            typing_expiry_ms: 5_000,
+            presence_heartbeat_ms: 5_000,
+            presence_expiry_ms: 15_000,
+            presence_frames_per_sec: 10,
+            presence_max_entries: 100_000,
+        }
+    }
+}
+
+impl PresenceArgs {
+    pub fn typing_expiry(&self) -> Duration {
+        Duration::from_millis(self.typing_expiry_ms.clamp(100, 60_000))
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.presence_heartbeat_ms.clamp(50, 60_000))
+    }
+
+    /// Never less than two heartbeats, so one lost announcement does not drop a viewer.
+    pub fn expiry(&self) -> Duration {
+        Duration::from_millis(self.presence_expiry_ms.clamp(100, 300_000)).max(self.heartbeat() * 2)
+    }
+}
+
+fn parse_subjects(value: &str) -> Result<Subjects, String> {
+    Subjects::new(value).map_err(|e| e.to_string())
 }
 
 impl Config {
@@ -162,6 +224,9 @@ pub struct TokenArgs {
     /// Subject (`sub` claim) of the token.
     #[arg(long, default_value = "dev")]
     pub sub: String,
+    /// Display name (`name` claim) other agents see in presence events.
+    #[arg(long)]
+    pub name: Option<String>,
     /// Accounts the token may see, comma-separated; `*` for all.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     pub accounts: Vec<String>,

@@ -15,6 +15,9 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("invalid query: {0}")]
     BadRequest(String),
+    /// A chat of an account the token does not list (the same as one that does not exist).
+    #[error("not found")]
+    NotFound,
     /// The connection limit of this replica is reached.
     #[error("too many connections on this replica")]
     TooManyConnections,
@@ -36,6 +39,7 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections"),
             ApiError::TooManyForSubject => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections_for_token"),
             ApiError::TooManyResumes { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_resumes"),

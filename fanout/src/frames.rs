@@ -2,7 +2,8 @@
 //! ([`ServerFrame`]) and what it understands from clients ([`ClientFrame`]).
 //!
 //! Events are not among them: they go out as the bytes ingest published, with `seq`
-//! stamped in, never re-serialized (see [`crate::event`]).
+//! stamped in, never re-serialized (see [`crate::event`]); nor are presence frames
+//! (`presence:*`, without `seq`: see [`crate::presence::wire`]).
 
 use std::time::Duration;
 
@@ -56,13 +57,43 @@ impl ServerFrame {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     Ping,
-    Subscribe { chat_ids: Vec<String> },
+    Subscribe {
+        chat_ids: Vec<String>,
+    },
+    /// The agent is typing in a chat of one of the token's accounts (repeat while typing).
+    Typing {
+        account_id: String,
+        chat_id: String,
+    },
+    /// The agent opened a chat; without `chat_id` (or with `null`), it closed it.
+    Viewing {
+        #[serde(default)]
+        account_id: Option<String>,
+        #[serde(default)]
+        chat_id: Option<String>,
+    },
+}
+
+impl ClientFrame {
+    /// The types clients may send, for telling malformed fields from unknown types.
+    pub const TYPES: &[&str] = &["ping", "subscribe", "typing", "viewing"];
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn presence_client_frames_parse_and_viewing_without_a_chat_closes() {
+        let typing: ClientFrame =
+            serde_json::from_value(json!({"type": "typing", "account_id": "a", "chat_id": "c"})).unwrap();
+        assert_eq!(typing, ClientFrame::Typing { account_id: "a".into(), chat_id: "c".into() });
+        let closed: ClientFrame =
+            serde_json::from_value(json!({"type": "viewing", "chat_id": null})).unwrap();
+        assert_eq!(closed, ClientFrame::Viewing { account_id: None, chat_id: None });
+        assert!(serde_json::from_value::<ClientFrame>(json!({"type": "typing", "chat_id": "c"})).is_err());
+    }
 
     #[test]
     fn frames_have_the_contract_shapes() {

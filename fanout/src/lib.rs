@@ -7,7 +7,8 @@
 //! hands it to the [`hub`], which offers the same bytes to every connection allowed to
 //! see them through bounded queues. [`ws`] serves `GET /ws/messages`, [`resume`] makes
 //! reconnects gap-free from the hub's window or the [`history`] it reads from
-//! JetStream, [`health`] answers probes and `/metrics`.
+//! JetStream, [`health`] answers probes and `/metrics`. [`presence`] (typing, viewing)
+//! travels between replicas on core NATS, apart from the stream.
 //!
 //! Run it: `JWT_SECRET=... NATS_URL=nats://127.0.0.1:4222 fanout` (see `fanout --help`).
 
@@ -22,6 +23,7 @@ pub mod history;
 pub mod hub;
 pub mod metrics;
 pub mod page;
+pub mod presence;
 pub mod resume;
 pub mod startup;
 pub mod state;

@@ -10,13 +10,21 @@ use shared::claims::JwtKeys;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = match Cli::parse_with_default(std::env::args_os()).command {
-        Command::Serve(config) => config,
+        Command::Serve(config) => *config,
         Command::Token(args) => {
             let keys = JwtKeys::new(&args.jwt_secret).with_issuer_and_audience(
                 args.jwt_claims.jwt_issuer.clone(),
                 args.jwt_claims.jwt_audience.clone(),
             );
-            println!("{}", keys.issue(&args.sub, args.accounts, Duration::from_secs(args.ttl_secs)));
+            println!(
+                "{}",
+                keys.issue_named(
+                    &args.sub,
+                    args.name.as_deref(),
+                    args.accounts,
+                    Duration::from_secs(args.ttl_secs),
+                )
+            );
             return Ok(());
         }
         Command::Tail(args) => return fanout::tail::run(args).await,

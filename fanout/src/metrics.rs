@@ -21,6 +21,16 @@
 //! - `fanout_delivery_lag_seconds` (histogram): write time minus `occurred_at`.
 //! - `fanout_follower_restarts_total{reason}`: consumer recreations.
 //! - `fanout_follower_ready` (gauge): 1 while following the stream.
+//! - `fanout_presence_frames_total{outcome}` (counter): client `typing`/`viewing`
+//!   frames: `accepted`, `rate_limited`, `not_allowed`, `invalid`.
+//! - `fanout_presence_published_total`, `fanout_presence_published_bytes_total`,
+//!   `fanout_presence_received_total` (counters): announcements on core NATS.
+//! - `fanout_presence_frames_out_total` (counter): presence frames queued to clients.
+//! - `fanout_presence_dropped_total{reason}` (counter): `queue_full` (a client's
+//!   presence queue), `outbox_full`, `table_full`, `malformed`, `publish_failed`.
+//! - `fanout_presence_expired_total` (counter): viewers dropped for not being
+//!   re-announced (their replica died or lost NATS).
+//! - `fanout_presence_viewers` (gauge): connections in the presence table.
 
 use std::sync::OnceLock;
 
@@ -100,4 +110,37 @@ pub fn follower_restart(reason: &'static str) {
 
 pub fn follower_ready(ready: bool) {
     gauge!("fanout_follower_ready").set(if ready { 1.0 } else { 0.0 });
+}
+
+pub fn presence_frame(outcome: &'static str) {
+    counter!("fanout_presence_frames_total", "outcome" => outcome).increment(1);
+}
+
+pub fn presence_published(bytes: usize) {
+    counter!("fanout_presence_published_total").increment(1);
+    counter!("fanout_presence_published_bytes_total").increment(bytes as u64);
+}
+
+pub fn presence_received() {
+    counter!("fanout_presence_received_total").increment(1);
+}
+
+pub fn presence_delivered(n: u64) {
+    counter!("fanout_presence_frames_out_total").increment(n);
+}
+
+pub fn presence_dropped(reason: &'static str) {
+    presence_dropped_n(reason, 1);
+}
+
+pub fn presence_dropped_n(reason: &'static str, n: u64) {
+    counter!("fanout_presence_dropped_total", "reason" => reason).increment(n);
+}
+
+pub fn presence_expired() {
+    counter!("fanout_presence_expired_total").increment(1);
+}
+
+pub fn presence_viewers(n: usize) {
+    gauge!("fanout_presence_viewers").set(n as f64);
 }

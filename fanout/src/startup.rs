@@ -1,6 +1,6 @@
 //! Building and running the server: [`Application::build`] binds the listener and
 //! wires the state; [`Application::run_until_stopped`] runs the HTTP server, the
-//! follower and metrics upkeep until the shutdown future resolves or one of them dies.
+//! follower, presence and metrics upkeep until the shutdown future resolves or one of them dies.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,8 +19,9 @@ use crate::config::Config;
 use crate::follower::{Follower, FollowerStatus};
 use crate::history::History;
 use crate::hub::Hub;
+use crate::presence::{Presence, PresenceTask, Settings};
 use crate::state::{AppState, ConnectionContext, Limits, Slots, SubSlots};
-use crate::{health, page, ws};
+use crate::{health, page, presence, ws};
 
 /// Pending connections the listener queues while the server accepts.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -33,6 +34,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     follower: Follower,
+    presence: PresenceTask,
     shutdown_grace: Duration,
     /// Rendered into the inbox page.
     page_api_origins: Vec<String>,
@@ -54,6 +56,12 @@ impl Application {
                  raise the hard limit (ulimit -Hn, or `ulimits` in compose) to serve more"
             );
         }
+        anyhow::ensure!(
+            !config.presence.presence_prefix.overlaps(&config.nats.subject_prefix),
+            "FANOUT_PRESENCE_PREFIX ({}) overlaps SUBJECT_PREFIX ({}): the stream would store presence",
+            config.presence.presence_prefix.prefix(),
+            config.nats.subject_prefix.prefix()
+        );
         let listener = bind(config.listen)?;
         let client = config.nats.connect("fanout").await?;
         let js = async_nats::jetstream::new(client.clone());
@@ -68,6 +76,11 @@ impl Application {
             status: status.clone(),
             heartbeat: config.follow_heartbeat(),
         };
+        let (presence, presence_task) = Presence::new(
+            Settings::from_args(&config.presence),
+            config.presence.presence_prefix.clone(),
+            client.clone(),
+        );
         let ctx = ConnectionContext {
             hub,
             history: History::new(
@@ -83,6 +96,7 @@ impl Application {
                 hard_client_message: config.max_client_message.saturating_mul(16).max(1024),
             },
             shutdown: CancellationToken::new(),
+            presence,
         };
         let resumes = runtime::limits::PerKeyLimit::per_minute(config.max_resumes_per_minute_per_sub);
         if let Some(limit) = &resumes {
@@ -102,7 +116,14 @@ impl Application {
             nats: client,
         };
         let shutdown_grace = config.shutdown_grace();
-        Ok(Self { listener, state, follower, shutdown_grace, page_api_origins: config.page_api_origins })
+        Ok(Self {
+            listener,
+            state,
+            follower,
+            presence: presence_task,
+            shutdown_grace,
+            page_api_origins: config.page_api_origins,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -116,7 +137,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Self { listener, state, follower, shutdown_grace, page_api_origins } = self;
+        let Self { listener, state, follower, presence, shutdown_grace, page_api_origins } = self;
         let app = router(state.clone(), &page_api_origins);
         let cancel = state.ctx.shutdown.clone();
         let stop = cancel.clone();
@@ -137,6 +158,7 @@ impl Application {
             .instrument(tracing::info_span!("http_server")),
         );
         let mut follower = tokio::spawn(follower.run().instrument(tracing::info_span!("follower")));
+        let mut presence = tokio::spawn(presence.run().instrument(tracing::info_span!("presence")));
         let mut upkeep = tokio::spawn(
             runtime::telemetry::metrics_upkeep().instrument(tracing::info_span!("metrics_upkeep")),
         );
@@ -149,6 +171,7 @@ impl Application {
             },
             result = &mut follower => Err(anyhow::anyhow!("follower task stopped: {:?}", result.map(|r| r.err()))),
             result = &mut upkeep => Err(anyhow::anyhow!("metrics upkeep task stopped: {result:?}")),
+            result = &mut presence => Err(anyhow::anyhow!("presence task stopped: {:?}", result.map(|r| r.err()))),
         };
         // A stopped replica follows nothing: in a test process (or any embedder) the
         // follower would otherwise go on, and recreate a stream deleted after it.
@@ -163,6 +186,11 @@ impl Application {
         if tokio::time::timeout(shutdown_grace, state.tracker.wait()).await.is_err() {
             tracing::warn!(open = state.slots.used(), "connections still open after the grace period");
         }
+        // The closed sockets' `left` go out before the task stops (best effort: whatever
+        // does not, expires at the other replicas).
+        state.ctx.presence.wait_sent(Duration::from_secs(1)).await;
+        presence.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(1), state.nats.flush()).await;
         tracing::info!("fanout stopped");
         outcome
     }
@@ -179,6 +207,7 @@ fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 pub fn router(state: AppState, page_api_origins: &[String]) -> Router {
     Router::new()
         .merge(ws::router())
+        .merge(presence::api::router())
         .merge(health::router())
         .merge(page::router(page_api_origins))
         // Spans name the path only: the query may carry a client token.

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::follower::FollowerStatus;
 use crate::history::History;
 use crate::hub::Hub;
+use crate::presence::Presence;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -43,6 +44,8 @@ pub struct ConnectionContext {
     pub limits: Limits,
     /// Cancelled on shutdown: every socket closes with 1012.
     pub shutdown: CancellationToken,
+    /// Typing and viewing between agents (core NATS, apart from the hub and stream).
+    pub presence: Arc<Presence>,
 }
 
 /// Per-connection limits, from the configuration.

@@ -6,8 +6,10 @@
 //! streams live events from the connection's bounded queue.
 //!
 //! Server frames: `hello`, events (the envelope with `seq`), `pong`, `subscribed`,
-//! `error`. Client frames: `{"type":"ping"}`, `{"type":"subscribe","chat_ids":[..]}`
-//! (an empty list means every chat again; account events without a chat always pass).
+//! `error`, and presence (`presence:typing`, `presence:viewing`, `presence:viewers`,
+//! without `seq`). Client frames: `{"type":"ping"}`, `{"type":"subscribe","chat_ids":[..]}`
+//! (an empty list means every chat again; account events without a chat always pass),
+//! `typing` and `viewing` (see [`crate::presence::member`]).
 //!
 //! Close codes the server sends (see [`Close`]): 1008 too many invalid messages, 1009
 //! message too big, 1011 resume failed, 1012 server restarting, 1013 not ready, 4000
@@ -28,6 +30,7 @@ use axum::routing::get;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use shared::claims::Claims;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::auth;
@@ -35,6 +38,7 @@ use crate::error::ApiError;
 use crate::frames::{ClientFrame, ServerFrame};
 use crate::hub::{ConnShared, Kick, Registration, Scope, SharedEvent};
 use crate::metrics;
+use crate::presence::{Delivery, Member, Reply};
 use crate::state::{AppState, ConnectionContext};
 
 /// Most events written per flush.
@@ -157,6 +161,8 @@ pub struct Connection {
     pub(crate) covered: u64,
     invalid_messages: u32,
     last_heard: Instant,
+    /// This connection's typing and viewing; dropping it clears its viewing.
+    presence: Member,
 }
 
 async fn serve(ctx: Arc<ConnectionContext>, socket: WebSocket, claims: Claims, since: Option<u64>) {
@@ -168,6 +174,7 @@ async fn serve(ctx: Arc<ConnectionContext>, socket: WebSocket, claims: Claims, s
     };
     let expires_at = Instant::now()
         + Duration::from_secs(u64::try_from(claims.exp - chrono::Utc::now().timestamp()).unwrap_or(0));
+    let (presence, presence_rx) = ctx.presence.join(scope.clone(), &claims.sub, claims.name.as_deref());
     let mut conn = Connection {
         ctx,
         socket,
@@ -177,9 +184,10 @@ async fn serve(ctx: Arc<ConnectionContext>, socket: WebSocket, claims: Claims, s
         covered: 0,
         invalid_messages: 0,
         last_heard: Instant::now(),
+        presence,
     };
     let sub = claims.sub;
-    let end = conn.run(registration, since, expires_at).await;
+    let end = conn.run(registration, presence_rx, since, expires_at).await;
     match end {
         End::Close(close) => {
             tracing::debug!(%sub, code = close.code, reason = close.reason, "closing connection");
@@ -202,7 +210,13 @@ async fn send_close(socket: &mut WebSocket, close: Close) -> Result<(), ()> {
 }
 
 impl Connection {
-    async fn run(&mut self, registration: Registration, since: Option<u64>, expires_at: Instant) -> End {
+    async fn run(
+        &mut self,
+        registration: Registration,
+        mut presence_rx: mpsc::Receiver<Arc<Delivery>>,
+        since: Option<u64>,
+        expires_at: Instant,
+    ) -> End {
         let Registration { id, mut rx, head, backlog, membership, .. } = registration;
         let _membership = membership;
         let caught_up = match since {
@@ -224,6 +238,8 @@ impl Connection {
         let expiry = tokio::time::sleep_until(expires_at);
         tokio::pin!(expiry);
         let mut batch: Vec<SharedEvent> = Vec::new();
+        let mut presence_batch: Vec<Arc<Delivery>> = Vec::new();
+        let mut presence_open = true;
         // Created once, not per wake-up: every connection waits on the same shutdown
         // token, and re-registering with it on each event would contend on its lock.
         let (token, shared) = (self.ctx.shutdown.clone(), self.shared.clone());
@@ -244,6 +260,16 @@ impl Connection {
                     // while idle, which is what 15k idle connections cost.
                     let result = Box::pin(self.send_events(&batch)).await;
                     batch.clear();
+                    if let Err(end) = result {
+                        return end;
+                    }
+                }
+                // After events (biased): presence never delays one.
+                received = presence_rx.recv_many(&mut presence_batch, BATCH), if presence_open => {
+                    // 0: closed (a token listing no account has nobody to hear from).
+                    presence_open = received > 0;
+                    let result = Box::pin(self.send_presence(&presence_batch)).await;
+                    presence_batch.clear();
                     if let Err(end) = result {
                         return end;
                     }
@@ -308,6 +334,40 @@ impl Connection {
         guarded_with(self.ctx.limits.write_timeout, &self.shared, &self.ctx.shutdown, write).await
     }
 
+    /// Writes presence frames for the chats this client wants, in one flush.
+    async fn send_presence(&mut self, deliveries: &[Arc<Delivery>]) -> Result<(), End> {
+        let chats = &self.chats;
+        let socket = &mut self.socket;
+        let write = async {
+            let mut frames = 0;
+            for delivery in deliveries {
+                if chats.as_ref().is_none_or(|chats| chats.contains(&delivery.chat_id)) {
+                    socket.feed(Message::Text(delivery.text.clone())).await?;
+                    frames += 1;
+                }
+            }
+            if frames > 0 {
+                socket.flush().await?;
+            }
+            Ok(())
+        };
+        guarded_with(self.ctx.limits.write_timeout, &self.shared, &self.ctx.shutdown, write).await
+    }
+
+    async fn on_presence_reply(&mut self, reply: Reply) -> Result<(), End> {
+        match reply {
+            Reply::Nothing => Ok(()),
+            Reply::Error { code, message, counts: true } => self.reject(code, message).await,
+            Reply::Error { code, message, counts: false } => {
+                self.send_frame(&ServerFrame::error(code, message)).await
+            }
+            Reply::Frame(text) => {
+                let write = self.socket.send(Message::Text(Utf8Bytes::from(text)));
+                guarded_with(self.ctx.limits.write_timeout, &self.shared, &self.ctx.shutdown, write).await
+            }
+        }
+    }
+
     async fn on_client_message(&mut self, message: Option<Result<Message, axum::Error>>) -> Result<(), End> {
         let message = match message {
             None => return Err(End::Gone("peer_closed")),
@@ -330,12 +390,20 @@ impl Connection {
                 match serde_json::from_str::<ClientFrame>(text.as_str()) {
                     Ok(ClientFrame::Ping) => self.send_frame(&ServerFrame::Pong).await,
                     Ok(ClientFrame::Subscribe { chat_ids }) => self.subscribe(chat_ids).await,
+                    Ok(ClientFrame::Typing { account_id, chat_id }) => {
+                        let reply = self.presence.typing(&account_id, &chat_id);
+                        self.on_presence_reply(reply).await
+                    }
+                    Ok(ClientFrame::Viewing { account_id, chat_id }) => {
+                        let reply = self.presence.viewing(account_id.as_deref(), chat_id.as_deref());
+                        self.on_presence_reply(reply).await
+                    }
                     Err(_) => {
                         let kind = serde_json::from_str::<serde_json::Value>(text.as_str())
                             .ok()
                             .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
                         match kind {
-                            Some(kind) if kind == "ping" || kind == "subscribe" => {
+                            Some(kind) if ClientFrame::TYPES.contains(&kind.as_str()) => {
                                 self.reject("invalid_message", "malformed fields for this type").await
                             }
                             Some(_) => self.reject("unknown_type", "unknown message type").await,

@@ -21,6 +21,12 @@
  * With the `api` option (ingest's REST base URL) it also sends replies through the relay:
  * `await relay.send(chatId, "On my way")` (see {@link RelayClient#send}).
  *
+ * Presence between agents of the same accounts: `relay.viewing(chatId)` when a chat is
+ * opened (`viewing(null)` when closed), `relay.typing(chatId)` on every keystroke (sent
+ * at most every `typingEveryMs`), and `relay.on("presence", ({chat_id, viewers, typing}) => ...)`
+ * for who else has the chat open and who is typing (never this agent itself). The chat's
+ * account comes from the events seen, or from `relay.rememberChat(chatId, accountId)`.
+ *
  * @module client
  */
 
@@ -71,9 +77,22 @@
  *   "chat:read": RelayEvent,
  *   "account:status": RelayEvent,
  *   "status": Status,
+ *   "presence": PresenceState,
+ *   "presence:typing": any,
+ *   "presence:viewing": any,
+ *   "presence:viewers": any,
  *   "reload": {reason: string},
  *   "error": {code?: string, message: string},
  * }} RelayEvents
+ */
+
+/**
+ * Who else is on a chat, rebuilt on every presence frame (and when a typing expires).
+ * @typedef {object} PresenceState
+ * @property {string} account_id
+ * @property {string} chat_id
+ * @property {{sub: string, name?: string}[]} viewers   other agents with the chat open
+ * @property {{sub: string, name?: string}[]} typing    other agents typing in it now
  */
 
 /**
@@ -89,6 +108,8 @@
  *   next try reaches another replica)
  * @property {typeof WebSocket} [WebSocketImpl]
  * @property {string} [api]                   ingest's REST base URL (e.g. https://relay.example.com), for {@link RelayClient#send}
+ * @property {number} [typingEveryMs=2000]    at most one `typing` frame per chat this often (others see it
+ *   for FANOUT_TYPING_EXPIRY_MS, 5 s, after the last)
  */
 
 /**
@@ -149,6 +170,120 @@ export class RelayClient {
      * @type {Set<string>}
      */
     this.recentIds = new Set();
+    /** @type {Map<string, string>} account of each chat seen, for presence frames */
+    this.chatAccounts = new Map();
+    /** @type {{chatId: string, accountId: string} | null} the chat this agent has open */
+    this.viewingChat = null;
+    /** @type {Map<string, number>} when `typing` was last sent, per chat */
+    this.typingSentAt = new Map();
+    /**
+     * Presence per chat: viewers and typists by `sub`, typists with their expiry timer.
+     * @type {Map<string, {account_id: string, viewers: Map<string, any>, typing: Map<string, {who: any, timer: any}>}>}
+     */
+    this.presence = new Map();
+  }
+
+  /**
+   * Tells the client which account a chat belongs to (the REST chat list says), for
+   * {@link typing} and {@link viewing} on chats no event has named yet.
+   * @param {string} chatId
+   * @param {string} accountId
+   */
+  rememberChat(chatId, accountId) {
+    if (chatId && accountId) this.chatAccounts.set(chatId, accountId);
+  }
+
+  /**
+   * Says this agent is typing in a chat; call it on every keystroke, it is sent at
+   * most every `typingEveryMs`. Others see it for a few seconds after the last one.
+   * @param {string} chatId
+   * @param {string} [accountId]   defaults to the account the chat was seen with
+   * @returns {boolean} false when the chat's account is unknown
+   */
+  typing(chatId, accountId = this.chatAccounts.get(chatId)) {
+    if (!accountId) return false;
+    const now = Date.now();
+    if (now - (this.typingSentAt.get(chatId) ?? 0) < (this.options.typingEveryMs ?? 2000)) return true;
+    this.typingSentAt.set(chatId, now);
+    if (this.typingSentAt.size > 16) this.typingSentAt.delete(this.typingSentAt.keys().next().value);
+    this.sendFrame({ type: "typing", account_id: accountId, chat_id: chatId });
+    return true;
+  }
+
+  /**
+   * Says which chat this agent has open (`null`: none). Kept for reconnects; the
+   * server answers with the chat's current viewers (a `presence` event).
+   * @param {string | null} chatId
+   * @param {string} [accountId]   defaults to the account the chat was seen with
+   * @returns {boolean} false when the chat's account is unknown
+   */
+  viewing(chatId, accountId = chatId ? this.chatAccounts.get(chatId) : undefined) {
+    if (chatId == null) {
+      this.viewingChat = null;
+      this.sendFrame({ type: "viewing", chat_id: null });
+      return true;
+    }
+    if (!accountId) return false;
+    this.viewingChat = { chatId, accountId };
+    this.sendFrame({ type: "viewing", account_id: accountId, chat_id: chatId });
+    return true;
+  }
+
+  /**
+   * Who else is on a chat now.
+   * @param {string} chatId
+   * @returns {PresenceState}
+   */
+  presenceOf(chatId) {
+    const chat = this.presence.get(chatId);
+    return {
+      account_id: chat?.account_id ?? this.chatAccounts.get(chatId) ?? "",
+      chat_id: chatId,
+      viewers: [...(chat?.viewers.values() ?? [])],
+      typing: [...(chat?.typing.values() ?? [])].map((t) => t.who),
+    };
+  }
+
+  /** @param {string} chatId @param {string} accountId */
+  presenceEntry(chatId, accountId) {
+    let chat = this.presence.get(chatId);
+    if (!chat) this.presence.set(chatId, (chat = { account_id: accountId, viewers: new Map(), typing: new Map() }));
+    return chat;
+  }
+
+  /** @param {any} frame  a `presence:*` frame (no seq: not an event) */
+  receivePresence(frame) {
+    const { chat_id: chatId, account_id: accountId } = frame;
+    if (typeof chatId !== "string") return;
+    this.rememberChat(chatId, accountId);
+    const chat = this.presenceEntry(chatId, accountId);
+    const who = (/** @type {any} */ f) => (f.name ? { sub: f.sub, name: f.name } : { sub: f.sub });
+    if (frame.type === "presence:viewers") {
+      chat.viewers = new Map((frame.viewers ?? []).map((v) => [v.sub, who(v)]));
+    } else if (frame.type === "presence:viewing") {
+      if (frame.viewing) chat.viewers.set(frame.sub, who(frame));
+      else chat.viewers.delete(frame.sub);
+    } else if (frame.type === "presence:typing") {
+      clearTimeout(chat.typing.get(frame.sub)?.timer);
+      const timer = setTimeout(() => {
+        chat.typing.delete(frame.sub);
+        this.emit("presence", this.presenceOf(chatId));
+      }, Math.max(0, Number(frame.expires_in_ms) || 5000));
+      chat.typing.set(frame.sub, { who: who(frame), timer });
+    } else {
+      return;
+    }
+    this.emit(frame.type, frame);
+    this.emit("presence", this.presenceOf(chatId));
+  }
+
+  /** Forgets every presence: the socket that told it is gone (the next one re-tells). */
+  clearPresence() {
+    for (const [chatId, chat] of this.presence) {
+      for (const t of chat.typing.values()) clearTimeout(t.timer);
+      this.presence.delete(chatId);
+      this.emit("presence", this.presenceOf(chatId));
+    }
   }
 
   /**
@@ -318,6 +453,7 @@ export class RelayClient {
       if (this.socket !== socket) return;
       clearInterval(this.pingTimer);
       this.socket = null;
+      this.clearPresence();
       if (this.stopped) return;
       if (close.code === 4001) {
         // The stream was reset: start over without since, after a REST reload.
@@ -357,6 +493,11 @@ export class RelayClient {
         }
         if (this.lastSeq == null || frame.recovered === false) this.lastSeq = frame.seq;
         if (this.options.chatIds?.length) this.sendFrame({ type: "subscribe", chat_ids: this.options.chatIds });
+        // The server forgot what the last socket viewed: say it again.
+        if (this.viewingChat) {
+          const { chatId, accountId } = this.viewingChat;
+          this.sendFrame({ type: "viewing", account_id: accountId, chat_id: chatId });
+        }
         this.keepAlive(socket, frame.heartbeat_s);
         this.emit("hello", frame);
         this.emit("status", { state: "open", attempt: 0 });
@@ -367,6 +508,11 @@ export class RelayClient {
       case "error":
         this.emit("error", frame);
         return;
+      case "presence:typing":
+      case "presence:viewing":
+      case "presence:viewers":
+        this.receivePresence(frame);
+        return;
       default:
         if (typeof frame.seq !== "number") return;
         if (this.lastSeq != null && frame.seq <= this.lastSeq) return; // already seen
@@ -376,6 +522,7 @@ export class RelayClient {
           this.recentIds.add(frame.id);
           if (this.recentIds.size > REMEMBERED_IDS) this.recentIds.delete(this.recentIds.values().next().value);
         }
+        if (typeof frame.chat_id === "string") this.rememberChat(frame.chat_id, frame.account_id);
         this.emit("event", frame);
         this.emit(frame.type, frame);
     }

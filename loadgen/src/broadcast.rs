@@ -49,14 +49,14 @@ pub struct Args {
 }
 
 /// A number field of an event frame, found without parsing the whole frame.
-fn number_field(text: &str, field: &str) -> Option<u64> {
+pub(crate) fn number_field(text: &str, field: &str) -> Option<u64> {
     let start = text.find(field)? + field.len();
     let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
     text[start..start + digits].parse().ok()
 }
 
 /// The publish time an event frame carries.
-fn sent_us(text: &str) -> Option<u64> {
+pub(crate) fn sent_us(text: &str) -> Option<u64> {
     number_field(text, "\"t_us\":")
 }
 

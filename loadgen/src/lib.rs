@@ -17,6 +17,9 @@
 //!   WebSocket clients; reports events/s in, frames/s out and delivery latency.
 //! - `resume`: a reconnect storm: many clients that missed the same events reconnect
 //!   at once with `?since=`; reports catch-up time, outcomes and exactness.
+//! - `presence`: agents in teams typing and viewing while events flow; reports presence
+//!   traffic on core NATS per 1,000 agents and event delivery latency with presence
+//!   off, then on.
 //! - `floor`: the same fan-out done by the bare kernel (blocking writes to loopback TCP
 //!   sockets, read by one epoll loop): the floor `broadcast` is measured against.
 //!
@@ -26,6 +29,7 @@ pub mod broadcast;
 pub mod floor;
 pub mod idle;
 pub mod poison;
+pub mod presence;
 pub mod publish;
 pub mod report;
 pub mod resume;
@@ -57,6 +61,9 @@ pub enum Command {
     /// Write one small message at a time to many loopback TCP sockets, with no
     /// WebSocket or runtime in the way: the floor under `broadcast`'s latency.
     Floor(floor::Args),
+    /// Agents typing and viewing while events flow: presence traffic per 1,000 agents
+    /// and the message path's latency with presence off, then on.
+    Presence(presence::Args),
     /// Post realistic message_received webhooks to ingest at a fixed rate.
     Webhooks(webhooks::Args),
     /// Clean webhooks with a share of poisoned ones, checked end to end through fanout:
@@ -78,6 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume(args) => resume::run(args).await,
         Command::Floor(args) => tokio::task::spawn_blocking(move || floor::run(args)).await?,
         Command::Webhooks(args) => webhooks::run(args).await,
+        Command::Presence(args) => presence::run(args).await,
         Command::Poison(args) => poison::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Stream(args) => publish::create_stream(args).await,

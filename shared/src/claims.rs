@@ -1,5 +1,6 @@
 //! Client tokens: HS256 JWTs with `sub`, `exp` and `accounts` (and `iss`, `aud` when the
-//! operator configures them: then they are required and checked).
+//! operator configures them: then they are required and checked), and optionally `name`,
+//! the agent's display name that presence events carry.
 //!
 //! The same token opens a WebSocket on fanout and calls ingest's REST API. `accounts`
 //! lists the Unipile account ids the holder may see; `["*"]` means all of them.
@@ -21,6 +22,10 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// Display name of the agent (optional): shown to the other agents of the same
+    /// accounts in presence events ("Ana is typing…").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Claims {
@@ -90,7 +95,20 @@ impl JwtKeys {
     pub fn issue(&self, sub: &str, accounts: Vec<String>, ttl: std::time::Duration) -> String {
         let exp = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
         let (iss, aud) = (self.issuer.clone(), self.audience.clone());
-        self.sign(&Claims { sub: sub.to_owned(), exp, accounts, iss, aud })
+        self.sign(&Claims { sub: sub.to_owned(), exp, accounts, iss, aud, name: None })
+    }
+
+    /// Like [`JwtKeys::issue`], with a display name (`name` claim).
+    pub fn issue_named(
+        &self,
+        sub: &str,
+        name: Option<&str>,
+        accounts: Vec<String>,
+        ttl: std::time::Duration,
+    ) -> String {
+        let exp = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
+        let (iss, aud) = (self.issuer.clone(), self.audience.clone());
+        self.sign(&Claims { sub: sub.to_owned(), exp, accounts, iss, aud, name: name.map(str::to_owned) })
     }
 
     /// Requires and checks `iss` and `aud` when given (`JWT_ISSUER`, `JWT_AUDIENCE`);
@@ -166,6 +184,15 @@ mod tests {
     }
 
     #[test]
+    fn a_display_name_travels_in_the_token_and_is_optional() {
+        let k = keys("s3cret");
+        let named = k.issue_named("u", Some("Ana"), vec!["a".into()], Duration::from_secs(60));
+        assert_eq!(k.verify(&named).unwrap().name.as_deref(), Some("Ana"));
+        let plain = k.issue("u", vec!["a".into()], Duration::from_secs(60));
+        assert_eq!(k.verify(&plain).unwrap().name, None);
+    }
+
+    #[test]
     fn a_token_signed_with_another_secret_is_invalid() {
         let token = keys("one").issue("u", vec!["*".into()], Duration::from_secs(60));
         assert!(matches!(keys("two").verify(&token), Err(TokenError::Invalid(_))));
@@ -180,6 +207,7 @@ mod tests {
             accounts: vec![],
             iss: None,
             aud: None,
+            name: None,
         });
         assert_eq!(k.verify(&token), Err(TokenError::Expired));
     }
@@ -203,7 +231,8 @@ mod tests {
 
     #[test]
     fn the_wildcard_sees_every_account() {
-        let c = Claims { sub: "u".into(), exp: 0, accounts: vec!["*".into()], iss: None, aud: None };
+        let c =
+            Claims { sub: "u".into(), exp: 0, accounts: vec!["*".into()], iss: None, aud: None, name: None };
         assert!(c.allows("anything") && c.sees_all());
     }
 }

@@ -9,6 +9,13 @@
 //! Any other id (with `.`, `*`, `>`, spaces, `~`, non-ASCII, or empty) is written as `~`
 //! followed by its URL-safe base64. The base64 alphabet has no `~`, so the two forms
 //! cannot collide, and no encoded id can add a token or act as a wildcard.
+//!
+//! Presence (typing, viewing) is not an event and never enters the stream: fanout
+//! replicas tell each other on core NATS under a prefix of its own,
+//! `{presence_prefix}.{account}.{chat}` (default `relay.presence`), with the same
+//! token encoding, and `{presence_prefix}.sync` when a replica starts and asks the
+//! others to announce what they hold. The two prefixes must not overlap
+//! ([`Subjects::overlaps`]), or the stream would store presence.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -69,6 +76,33 @@ impl Subjects {
         format!("{}.{}.>", self.prefix, encode_token(account_id))
     }
 
+    /// Whether one prefix is the other or lies under it, so that subjects of one would
+    /// be captured by `{other}.>`.
+    pub fn overlaps(&self, other: &Subjects) -> bool {
+        let under = |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|rest| rest.starts_with('.'));
+        under(&self.prefix, &other.prefix) || under(&other.prefix, &self.prefix)
+    }
+
+    /// The presence subject of one chat (with `self` the presence prefix).
+    pub fn presence(&self, account_id: &str, chat_id: &str) -> String {
+        format!("{}.{}.{}", self.prefix, encode_token(account_id), encode_token(chat_id))
+    }
+
+    /// The subject a starting replica asks the others to announce their presence on.
+    pub fn presence_sync(&self) -> String {
+        format!("{}.sync", self.prefix)
+    }
+
+    /// Reads a presence subject back into (account, chat); `None` for anything else.
+    pub fn parse_presence(&self, subject: &str) -> Option<(String, String)> {
+        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
+        let (account, chat) = rest.split_once('.')?;
+        if chat.contains('.') {
+            return None;
+        }
+        Some((decode_token(account)?, decode_token(chat)?))
+    }
+
     /// Reads an event subject back; `None` for a subject outside this scheme.
     pub fn parse(&self, subject: &str) -> Option<SubjectParts> {
         let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
@@ -117,6 +151,18 @@ mod tests {
 
     fn subjects() -> Subjects {
         Subjects::new("relay.events").unwrap()
+    }
+
+    #[test]
+    fn presence_subjects_round_trip_and_stay_apart_from_the_stream() {
+        let presence = Subjects::new("relay.presence").unwrap();
+        let subject = presence.presence("acc", "a.b");
+        assert_eq!(presence.parse_presence(&subject), Some(("acc".into(), "a.b".into())));
+        assert_eq!(presence.parse_presence(&presence.presence_sync()), None);
+        assert!(!presence.overlaps(&subjects()));
+        assert!(Subjects::new("relay.events.p").unwrap().overlaps(&subjects()));
+        assert!(subjects().overlaps(&Subjects::new("relay.events").unwrap()));
+        assert!(!Subjects::new("relay.eventsx").unwrap().overlaps(&subjects()));
     }
 
     #[test]

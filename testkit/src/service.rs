@@ -110,7 +110,7 @@ pub async fn fanout_unready(args: &[String]) -> Service {
     let fanout::config::Command::Serve(config) = cli.command else {
         panic!("serve is the default subcommand")
     };
-    fanout_with(config).await
+    fanout_with(*config).await
 }
 
 /// Starts fanout with a configuration a test built or adjusted, not waiting for

@@ -106,6 +106,12 @@ impl Relay {
         self.jwt.issue("e2e", vec!["*".into()], Duration::from_secs(600))
     }
 
+    /// A token of one agent, with a display name, for these accounts.
+    pub fn agent_token(&self, sub: &str, name: &str, accounts: &[&str]) -> String {
+        let accounts = accounts.iter().map(|a| a.to_string()).collect();
+        self.jwt.issue_named(sub, Some(name), accounts, Duration::from_secs(600))
+    }
+
     async fn wait_ready(&self, url: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -242,6 +248,8 @@ async fn start_fanout(
         format!("--nats-url={}", nats_url()),
         format!("--stream-name={stream_name}"),
         format!("--subject-prefix={prefix}"),
+        // Presence of this test's own, beside its stream's subjects.
+        format!("--presence-prefix={}", prefix.replacen(".events", ".presence", 1)),
         "--shutdown-grace-secs=1".to_owned(),
     ];
     let args: Vec<String> = args.into_iter().chain(flags.iter().map(|flag| flag.to_string())).collect();

@@ -8,6 +8,7 @@
 mod compose_up;
 mod harness;
 mod media;
+mod presence;
 mod replies;
 mod tail;
 

@@ -92,6 +92,11 @@ impl Events {
         seqs
     }
 
+    /// The test's own presence prefix, beside its stream's subjects.
+    pub fn presence_subjects(&self) -> Subjects {
+        Subjects::new(self.subjects.prefix().replacen("fanouttest.", "fanoutpresence.", 1)).unwrap()
+    }
+
     pub async fn stream(&self) -> jetstream::stream::Stream {
         self.js.get_stream(&self.stream_name).await.expect("stream exists")
     }
@@ -124,6 +129,10 @@ pub fn config(url: &str, events: &Events) -> Config {
         max_client_message: 4096,
         follow_heartbeat_ms: 500,
         shutdown_grace_secs: 5,
+        presence: fanout::config::PresenceArgs {
+            presence_prefix: events.presence_subjects(),
+            ..Default::default()
+        },
     }
 }
 
@@ -375,5 +384,6 @@ pub fn expired_token() -> String {
         accounts: vec!["*".into()],
         iss: None,
         aud: None,
+        name: None,
     })
 }

@@ -5,6 +5,7 @@ mod auth;
 mod delivery;
 mod helpers;
 mod lifecycle;
+mod presence;
 mod resilience;
 mod resume;
 mod slow_consumer;

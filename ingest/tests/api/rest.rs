@@ -76,6 +76,7 @@ async fn calls_without_a_valid_token_get_401_with_the_error_body() {
         accounts: vec!["*".into()],
         iss: None,
         aud: None,
+        name: None,
     });
     let foreign = shared::claims::JwtKeys::new(&"another-secret".to_owned().into()).issue(
         "u",
