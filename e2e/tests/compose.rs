@@ -541,3 +541,17 @@ fn env_example_documents_exactly_the_variables_the_services_read() {
         assert!(read.contains_key(variable), ".env.example names {variable}, which no service reads");
     }
 }
+
+/// `build: .` sends the repository to the Docker engine: a `.env` with the secrets
+/// must never be part of it, nor end up in an image layer.
+#[test]
+fn the_image_build_context_leaves_out_env_files_and_keeps_the_example() {
+    let ignore = std::fs::read_to_string(repo_file(".dockerignore")).expect(".dockerignore");
+    let rules: Vec<&str> =
+        ignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    for rule in [".env", ".env.*", "!.env.example"] {
+        assert!(rules.contains(&rule), ".dockerignore lacks {rule}: {rules:?}");
+    }
+    let last_env_rule = rules.iter().rposition(|r| r.trim_start_matches('!').starts_with(".env")).unwrap();
+    assert_eq!(rules[last_env_rule], "!.env.example", "the exception comes after the exclusions");
+}

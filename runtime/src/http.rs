@@ -39,9 +39,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// HTTP/2: a ping this often on a quiet connection, and the connection closed when the
 /// answer takes longer than this.
-const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+pub const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// HTTP/2: streams one connection may have open at once.
-const H2_MAX_STREAMS: u32 = 256;
+pub const H2_MAX_STREAMS: u32 = 256;
 /// Longest a closing connection keeps reading (and discarding) after its last answer,
 /// waiting for the client to close too: enough for a client still sending to read the
 /// answer, short enough that lingering costs a socket for seconds, not minutes.
@@ -56,11 +56,14 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Sets `TCP_NODELAY` on accepted sockets: small frames go out at once.
     pub nodelay: bool,
+    /// HTTP/2: how quiet a connection may be before it is pinged, and how long the
+    /// answer may take before the connection is closed. See [`H2_KEEP_ALIVE`].
+    pub h2_keep_alive: Duration,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        Self { header_read_timeout: HEADER_READ_TIMEOUT, nodelay: false }
+        Self { header_read_timeout: HEADER_READ_TIMEOUT, nodelay: false, h2_keep_alive: H2_KEEP_ALIVE }
     }
 }
 
@@ -79,8 +82,8 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .enable_connect_protocol()
-        .keep_alive_interval(H2_KEEP_ALIVE)
-        .keep_alive_timeout(H2_KEEP_ALIVE)
+        .keep_alive_interval(options.h2_keep_alive)
+        .keep_alive_timeout(options.h2_keep_alive)
         .max_concurrent_streams(H2_MAX_STREAMS);
     let builder = std::sync::Arc::new(builder);
     let graceful = GracefulShutdown::new();
@@ -255,11 +258,14 @@ mod tests {
     async fn start(
         header_read_timeout: Duration,
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        start_with(ServeOptions { header_read_timeout, nodelay: true, ..Default::default() }).await
+    }
+
+    async fn start_with(options: ServeOptions) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = Router::new().route("/", get(|| async { "hello" }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let options = ServeOptions { header_read_timeout, nodelay: true };
         tokio::spawn(serve(listener, router, options, async move {
             let _ = stopped.await;
         }));
@@ -297,6 +303,59 @@ mod tests {
         stop.send(()).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting after shutdown");
+    }
+
+    /// Reads one HTTP/2 frame: (type, flags, payload); `None` at the end of the stream.
+    async fn read_frame(tcp: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        tcp.read_exact(&mut head).await.ok()?;
+        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        tcp.read_exact(&mut payload).await.ok()?;
+        Some((head[3], head[4], payload))
+    }
+
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+
+    /// HTTP/2 with prior knowledge, as a raw client sees it: the server announces its
+    /// stream cap in its SETTINGS, pings a quiet connection, and closes it when the ping
+    /// goes unanswered.
+    #[tokio::test]
+    async fn http2_announces_its_stream_cap_and_closes_a_connection_that_stops_answering_pings() {
+        let keep_alive = Duration::from_millis(300);
+        let (addr, _stop) =
+            start_with(ServeOptions { h2_keep_alive: keep_alive, nodelay: true, ..Default::default() }).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        tcp.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]).await.unwrap();
+
+        let (kind, flags, settings) = read_frame(&mut tcp).await.expect("the server's SETTINGS");
+        assert_eq!((kind, flags), (SETTINGS, 0));
+        let cap = settings
+            .chunks(6)
+            .find(|entry| entry[..2] == [0, 3])
+            .map(|entry| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]));
+        assert_eq!(cap, Some(H2_MAX_STREAMS), "SETTINGS_MAX_CONCURRENT_STREAMS");
+        tcp.write_all(&[0, 0, 0, SETTINGS, ACK, 0, 0, 0, 0]).await.unwrap();
+
+        // Then silence from the client: a ping comes, and, unanswered, the end.
+        let started = std::time::Instant::now();
+        let mut pinged = false;
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some((kind, flags, _)) = read_frame(&mut tcp).await {
+                pinged |= kind == PING && flags & ACK == 0;
+                if kind == GOAWAY {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the connection is still open after {:?}", started.elapsed());
+        assert!(pinged, "no PING on a quiet connection");
+        assert!(started.elapsed() >= keep_alive, "not before the keep-alive interval");
     }
 
     /// A connected pair: the client's end, and the server's end wrapped for lingering.
