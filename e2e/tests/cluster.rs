@@ -199,12 +199,41 @@ async fn killing_the_stream_leader_under_load_loses_and_repeats_nothing() {
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
     let mut posts = Vec::with_capacity(total as usize);
     let mut killed = None;
+    let mut election = None;
     for n in 0..total {
         tick.tick().await;
         if n == kill_at {
             let leader_now = stream_leader(&js, &stream_name).await.map_or(leader.clone(), |(l, _)| l);
             cluster.kill(&leader_now);
             println!("killed the stream leader {leader_now} (SIGKILL) after {n} webhooks");
+            let (js, name, old, at) = (js.clone(), stream_name.clone(), leader_now.clone(), Instant::now());
+            election = Some(tokio::spawn(async move {
+                // When the cluster names a new leader, and when the stream grows again
+                // (ingest's relay publishing): the two halves of the outage.
+                let (mut elected, mut growing, mut last) = (None, None, None);
+                while at.elapsed() < Duration::from_secs(30) && growing.is_none() {
+                    let asked = tokio::time::timeout(Duration::from_secs(1), async {
+                        let mut stream = js.get_stream(&name).await.ok()?;
+                        stream.info().await.ok().cloned()
+                    })
+                    .await;
+                    if let Ok(Some(info)) = asked {
+                        let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+                        if elected.is_none() && leader.as_ref().is_some_and(|l| *l != old) {
+                            elected = Some(at.elapsed());
+                        }
+                        match last {
+                            None => last = Some(info.state.last_sequence),
+                            Some(seq) if elected.is_some() && info.state.last_sequence > seq => {
+                                growing = Some(at.elapsed());
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (elected, growing)
+            }));
             killed = Some((Instant::now(), leader_now));
         }
         let (http, endpoint, sent) = (http.clone(), endpoint.clone(), sent.clone());
@@ -246,6 +275,7 @@ async fn killing_the_stream_leader_under_load_loses_and_repeats_nothing() {
         client.abort();
     }
     let new_leader = stream_leader(&js, &stream_name).await.map(|(l, _)| l);
+    let elected = election.expect("watched").await.unwrap();
     let metrics = reqwest::get(ingest.url("/metrics")).await.unwrap().text().await.unwrap();
     let publish_errors = metrics
         .lines()
@@ -297,7 +327,11 @@ async fn killing_the_stream_leader_under_load_loses_and_repeats_nothing() {
     println!("                 webhook to every client {}", show(e2e(&before)));
     println!("from the kill on ({} acked): ack {}", during.len(), show(acks(&during)));
     println!("                 webhook to every client {}", show(e2e(&during)));
-    println!("longest pause in deliveries at a client after the kill: {pause:?}");
+    println!(
+        "after the kill: a new stream leader reported after {:?}, the stream growing again after {:?}; \
+         longest pause in deliveries at a client: {pause:?}",
+        elected.0, elected.1
+    );
     println!("acknowledged but missing at a client: {lost}; duplicates seen: {duplicates}");
 
     assert_eq!(lost, 0, "acknowledged webhooks missing at clients (counted per client)");
