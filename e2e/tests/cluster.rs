@@ -131,6 +131,8 @@ async fn stream_leader(js: &async_nats::jetstream::Context, name: &str) -> Optio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_stream_leader_under_load_loses_and_repeats_nothing() {
+    // The services' logs (RUST_LOG, default info), shown when the test fails.
+    runtime::telemetry::init_tracing(runtime::config::LogFormat::Text);
     let mut cluster = NatsCluster::start(3).await;
     let urls = cluster.urls();
     let database = create_database("cluster").await;
