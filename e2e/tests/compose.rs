@@ -26,20 +26,65 @@ fn repo_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name)
 }
 
-fn compose() -> Value {
-    let path = repo_file("docker-compose.yml");
+/// One compose file as YAML, `<<: *anchor` merges resolved as compose resolves them.
+fn compose_file(name: &str) -> Value {
+    let path = repo_file(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let value: Value = yaml_serde::from_str(&text).expect("docker-compose.yml is valid YAML");
-    // `<<: *anchor` merges, as compose does.
-    let mut value = value;
+    let mut value: Value = yaml_serde::from_str(&text).unwrap_or_else(|e| panic!("{name} is not YAML: {e}"));
     value.apply_merge().expect("YAML merge keys resolve");
     value
 }
 
+/// `override` merged into `base` as `docker compose -f base -f override` merges a
+/// service: mappings (environment, depends_on, healthcheck) key by key, `ports`,
+/// `expose` and `volumes` joined, anything else (command, a healthcheck's test)
+/// replaced.
+fn merge_service(base: &mut Value, over: &Value) {
+    let (Some(base), Some(over)) = (base.as_mapping_mut(), over.as_mapping()) else { return };
+    for (key, value) in over {
+        let joined = ["ports", "expose", "volumes"].contains(&key.as_str().unwrap_or_default());
+        match (base.get_mut(key), value) {
+            (Some(existing @ Value::Mapping(_)), Value::Mapping(_)) => merge_service(existing, value),
+            (Some(Value::Sequence(existing)), Value::Sequence(more)) if joined => {
+                existing.extend(more.iter().filter(|v| !existing.contains(v)).cloned().collect::<Vec<_>>())
+            }
+            _ => {
+                base.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// The services of these compose files, merged in order.
+fn services_of(files: &[&str]) -> BTreeMap<String, Value> {
+    let mut merged: BTreeMap<String, Value> = BTreeMap::new();
+    for file in files {
+        let compose = compose_file(file);
+        let services = compose.get("services").and_then(Value::as_mapping).expect("compose has services");
+        for (name, service) in services {
+            let name = name.as_str().expect("service name").to_owned();
+            match merged.get_mut(&name) {
+                Some(existing) => merge_service(existing, service),
+                None => {
+                    merged.insert(name, service.clone());
+                }
+            }
+        }
+    }
+    merged
+}
+
+/// The default deployment: `docker compose up`.
 fn services() -> BTreeMap<String, Value> {
-    let compose = compose();
-    let services = compose.get("services").and_then(Value::as_mapping).expect("compose has services");
-    services.iter().map(|(k, v)| (k.as_str().expect("service name").to_owned(), v.clone())).collect()
+    services_of(&["docker-compose.yml"])
+}
+
+/// NATS as a three-server cluster:
+/// `docker compose -f docker-compose.yml -f docker-compose.cluster.yml up`.
+const CLUSTER: &[&str] = &["docker-compose.yml", "docker-compose.cluster.yml"];
+
+fn cluster_services() -> BTreeMap<String, Value> {
+    services_of(CLUSTER)
 }
 
 fn strings(value: Option<&Value>) -> Vec<String> {
@@ -101,8 +146,8 @@ fn environment(service: &Value) -> BTreeMap<String, String> {
     }
 }
 
-fn relay_services() -> BTreeMap<String, Value> {
-    services()
+fn relay_services_of(services: BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    services
         .into_iter()
         .filter(|(_, s)| s.get("image").and_then(Value::as_str) == Some(RELAY_IMAGE))
         .collect()
@@ -142,7 +187,7 @@ fn subcommand<'a>(root: &'a clap::Command, name: &str) -> &'a clap::Command {
 
 #[test]
 fn compose_runs_only_binaries_and_subcommands_that_exist() {
-    let services = relay_services();
+    let services = relay_services_of(cluster_services());
     assert!(services.len() >= 3, "ingest, fanout and the simulator run our image: {:?}", services.keys());
     let dockerfile = std::fs::read_to_string(repo_file("Dockerfile")).expect("Dockerfile");
     for (name, service) in &services {
@@ -158,9 +203,20 @@ fn compose_runs_only_binaries_and_subcommands_that_exist() {
 
 /// Parses every compose service that runs `binary` with the binary's own clap
 /// configuration (environment fallbacks off, so the compose file must name everything
-/// that is required); returns how many services were checked.
-fn check_services_of(binary: &str, root: fn() -> clap::Command) -> usize {
-    let services = relay_services();
+/// that is required), in the default deployment and in the cluster one; returns how
+/// many services were checked in each.
+fn check_services_of(binary: &str, root: fn() -> clap::Command) -> (usize, usize) {
+    (
+        check_relay_services(relay_services_of(services()), binary, root),
+        check_relay_services(relay_services_of(cluster_services()), binary, root),
+    )
+}
+
+fn check_relay_services(
+    services: BTreeMap<String, Value>,
+    binary: &str,
+    root: fn() -> clap::Command,
+) -> usize {
     let mut checked = 0;
     for (name, service) in services.iter().filter(|(_, s)| strings(s.get("command"))[0] == binary) {
         let command = strings(service.get("command"));
@@ -176,30 +232,151 @@ fn check_services_of(binary: &str, root: fn() -> clap::Command) -> usize {
 
 #[test]
 fn ingest_service_parses_with_ingest_own_configuration() {
-    assert_eq!(check_services_of("ingest", ingest::cli::Cli::command), 1, "one ingest service");
+    assert_eq!(check_services_of("ingest", ingest::cli::Cli::command), (1, 1), "one ingest service");
 }
 
 #[test]
 fn fanout_service_parses_with_fanout_own_configuration() {
-    assert_eq!(check_services_of("fanout", fanout::config::Cli::command), 1, "one fanout service");
+    assert_eq!(check_services_of("fanout", fanout::config::Cli::command), (1, 1), "one fanout service");
 }
 
 #[test]
 fn simulator_service_uses_only_flags_and_variables_loadgen_accepts() {
-    assert_eq!(check_services_of("loadgen", loadgen::Cli::command), 1, "one simulator service");
+    assert_eq!(check_services_of("loadgen", loadgen::Cli::command), (1, 1), "one simulator service");
+}
+
+/// The NATS services of a deployment: `nats`, and `nats-2`, `nats-3` in the cluster.
+fn nats_services(services: &BTreeMap<String, Value>) -> Vec<(&String, &Value)> {
+    services
+        .iter()
+        .filter(|(name, s)| name.starts_with("nats") && strings(s.get("command")).contains(&"-js".to_owned()))
+        .collect()
 }
 
 #[test]
 fn nats_runs_jetstream_with_its_monitoring_port() {
-    let nats = &services()["nats"];
-    let command = strings(nats.get("command"));
-    assert!(command.contains(&"-js".to_owned()), "JetStream on: {command:?}");
-    assert!(command.windows(2).any(|w| w == ["-m", "8222"]), "monitoring on 8222: {command:?}");
+    for services in [services(), cluster_services()] {
+        let servers = nats_services(&services);
+        assert!(servers.iter().any(|(name, _)| *name == "nats"), "a nats service");
+        for (name, nats) in servers {
+            let command = strings(nats.get("command"));
+            assert!(
+                command.windows(2).any(|w| w == ["-m", "8222"]),
+                "{name}: monitoring on 8222: {command:?}"
+            );
+            let health = strings(nats["healthcheck"].get("test")).join(" ");
+            assert!(health.contains("8222/healthz"), "{name} is healthy when JetStream is: {health}");
+        }
+    }
+}
+
+const CLUSTER_NATS: [&str; 3] = ["nats", "nats-2", "nats-3"];
+
+fn flag<'a>(command: &'a [String], name: &str) -> &'a str {
+    command
+        .windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1].as_str())
+        .unwrap_or_else(|| panic!("no {name} in {command:?}"))
+}
+
+#[test]
+fn the_cluster_file_runs_three_nats_servers_routed_to_each_other_each_with_its_store() {
+    let services = cluster_services();
+    let names: Vec<&String> = nats_services(&services).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, CLUSTER_NATS, "three NATS servers");
+    let mut stores = Vec::new();
+    for name in CLUSTER_NATS {
+        let nats = &services[name];
+        let command: Vec<String> = strings(nats.get("command")).iter().map(|a| interpolate(a)).collect();
+        assert_eq!(flag(&command, "--name"), name, "{name}: server names are distinct");
+        assert_eq!(flag(&command, "--cluster_name"), "relay", "{name}");
+        let route = |host: &str| format!("nats://route:{SET_BY_OPERATOR}@{host}:6222");
+        assert_eq!(flag(&command, "--cluster"), route("0.0.0.0"), "{name}: routes log in with NATS_PASSWORD");
+        let mut routes: Vec<&str> = flag(&command, "--routes").split(',').collect();
+        routes.sort();
+        let mut others: Vec<String> = CLUSTER_NATS.iter().filter(|n| **n != name).map(|n| route(n)).collect();
+        others.sort();
+        assert_eq!(routes, others, "{name} routes to the other two");
+        let store = flag(&command, "-sd");
+        let volume = strings(nats.get("volumes"))
+            .into_iter()
+            .find(|v| v.ends_with(&format!(":{store}")))
+            .unwrap_or_else(|| panic!("{name}: {store} is a volume"));
+        stores.push(volume);
+    }
+    stores.sort();
+    stores.dedup();
+    assert_eq!(stores.len(), 3, "a store each: {stores:?}");
+}
+
+/// The cluster's NATS commands as nats-server itself reads them (`-t`: check the
+/// configuration and exit), with the mounted config file and a scratch store.
+#[test]
+fn nats_server_accepts_every_nats_command_of_both_deployments() {
+    let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
+    let store = std::env::temp_dir().join(format!("compose-nats-{}", uuid::Uuid::new_v4().simple()));
+    for services in [services(), cluster_services()] {
+        for (name, nats) in nats_services(&services) {
+            let mounts: BTreeMap<String, String> = strings(nats.get("volumes"))
+                .into_iter()
+                .filter_map(|v| {
+                    let mut parts = v.split(':');
+                    let (host, target) = (parts.next()?, parts.next()?);
+                    host.starts_with("./")
+                        .then(|| (target.to_owned(), repo_file(&host[2..]).display().to_string()))
+                })
+                .collect();
+            let command: Vec<String> = strings(nats.get("command"))
+                .iter()
+                .map(|a| interpolate(a))
+                .map(|a| mounts.get(&a).cloned().unwrap_or(a))
+                .map(|a| if a == "/data" { store.display().to_string() } else { a })
+                .collect();
+            let output = std::process::Command::new(&binary)
+                .args(&command)
+                .arg("-t")
+                .env("NATS_PASSWORD", SET_BY_OPERATOR)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {binary} (set NATS_SERVER_BIN): {e}"));
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(
+                output.status.success() && said.contains("is valid") && !said.contains("Usage:"),
+                "{name}: nats-server refuses {command:?}:\n{said}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&store);
+}
+
+#[test]
+fn in_the_cluster_both_services_know_every_server_and_the_stream_keeps_three_copies() {
+    let services = cluster_services();
+    let every = "nats://nats:4222,nats://nats-2:4222,nats://nats-3:4222";
+    for name in ["ingest", "fanout", "nats-box"] {
+        assert_eq!(environment(&services[name]).get("NATS_URL").map(String::as_str), Some(every), "{name}");
+    }
+    assert_eq!(environment(&services["ingest"]).get("STREAM_REPLICAS").map(String::as_str), Some("3"));
+    assert_eq!(
+        environment(&self::services()["ingest"]).get("STREAM_REPLICAS"),
+        None,
+        "one copy on one server"
+    );
+    for name in ["ingest", "fanout"] {
+        let depends = services[name]["depends_on"].as_mapping().unwrap();
+        for nats in CLUSTER_NATS {
+            assert!(depends.contains_key(nats), "{name} waits for {nats}");
+        }
+    }
 }
 
 #[test]
 fn only_the_gateway_is_published_on_the_host() {
-    for (name, service) in services() {
+    for (name, service) in services().into_iter().chain(cluster_services()) {
         let ports = strings(service.get("ports"));
         assert!(name == "gateway" || ports.is_empty(), "{name} publishes {ports:?} on the host");
     }
@@ -207,27 +384,29 @@ fn only_the_gateway_is_published_on_the_host() {
 
 #[test]
 fn nats_requires_the_password_every_client_service_is_given() {
-    let services = services();
-    let nats = &services["nats"];
-    let command = strings(nats.get("command"));
-    let config = command.windows(2).find(|w| w[0] == "-c").map(|w| w[1].clone()).expect("nats runs with -c");
-    let mounted = strings(nats.get("volumes"))
-        .into_iter()
-        .find_map(|v| v.strip_suffix(&format!(":{config}:ro")).map(str::to_owned))
-        .expect("the config file is mounted read-only");
-    let text = std::fs::read_to_string(repo_file(mounted.trim_start_matches("./"))).unwrap();
-    assert!(text.contains("user: relay") && text.contains("password: $NATS_PASSWORD"), "{text}");
-    assert!(environment(nats).contains_key("NATS_PASSWORD"), "the server reads NATS_PASSWORD");
-    for name in ["ingest", "fanout", "nats-box"] {
-        let env = environment(&services[name]);
-        assert_eq!(env.get("NATS_USER").map(String::as_str), Some("relay"), "{name}");
-        assert!(env.contains_key("NATS_PASSWORD"), "{name} has no NATS_PASSWORD");
+    for services in [services(), cluster_services()] {
+        for (name, nats) in nats_services(&services) {
+            let command = strings(nats.get("command"));
+            let config = flag(&command, "-c");
+            let mounted = strings(nats.get("volumes"))
+                .into_iter()
+                .find_map(|v| v.strip_suffix(&format!(":{config}:ro")).map(str::to_owned))
+                .unwrap_or_else(|| panic!("{name}: the config file is mounted read-only"));
+            let text = std::fs::read_to_string(repo_file(mounted.trim_start_matches("./"))).unwrap();
+            assert!(text.contains("user: relay") && text.contains("password: $NATS_PASSWORD"), "{text}");
+            assert!(environment(nats).contains_key("NATS_PASSWORD"), "{name} reads NATS_PASSWORD");
+        }
+        for name in ["ingest", "fanout", "nats-box"] {
+            let env = environment(&services[name]);
+            assert_eq!(env.get("NATS_USER").map(String::as_str), Some("relay"), "{name}");
+            assert!(env.contains_key("NATS_PASSWORD"), "{name} has no NATS_PASSWORD");
+        }
     }
 }
 
 #[test]
 fn no_secret_has_a_default() {
-    let text = std::fs::read_to_string(repo_file("docker-compose.yml")).unwrap();
+    let text = CLUSTER.iter().map(|f| std::fs::read_to_string(repo_file(f)).unwrap()).collect::<String>();
     for secret in ["WEBHOOK_SECRET", "JWT_SECRET", "NATS_PASSWORD", "POSTGRES_PASSWORD"] {
         let uses: Vec<&str> = text.match_indices(&format!("${{{secret}")).map(|(i, _)| &text[i..]).collect();
         assert!(!uses.is_empty(), "{secret} is not used");
@@ -263,8 +442,13 @@ fn fanout_has_no_fixed_host_port_so_it_can_scale() {
 
 #[test]
 fn services_start_in_order_of_health() {
-    let services = services();
-    for (name, service) in &services {
+    for services in [services(), cluster_services()] {
+        start_in_order_of_health(&services);
+    }
+}
+
+fn start_in_order_of_health(services: &BTreeMap<String, Value>) {
+    for (name, service) in services {
         let Some(depends) = service.get("depends_on") else { continue };
         let depends = depends.as_mapping().unwrap_or_else(|| panic!("{name}: depends_on with conditions"));
         for (target, how) in depends {
@@ -356,4 +540,18 @@ fn env_example_documents_exactly_the_variables_the_services_read() {
     for variable in documented.keys().filter(|v| !NON_CLAP_ENV.contains(&v.as_str())) {
         assert!(read.contains_key(variable), ".env.example names {variable}, which no service reads");
     }
+}
+
+/// `build: .` sends the repository to the Docker engine: a `.env` with the secrets
+/// must never be part of it, nor end up in an image layer.
+#[test]
+fn the_image_build_context_leaves_out_env_files_and_keeps_the_example() {
+    let ignore = std::fs::read_to_string(repo_file(".dockerignore")).expect(".dockerignore");
+    let rules: Vec<&str> =
+        ignore.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    for rule in [".env", ".env.*", "!.env.example"] {
+        assert!(rules.contains(&rule), ".dockerignore lacks {rule}: {rules:?}");
+    }
+    let last_env_rule = rules.iter().rposition(|r| r.trim_start_matches('!').starts_with(".env")).unwrap();
+    assert_eq!(rules[last_env_rule], "!.env.example", "the exception comes after the exclusions");
 }

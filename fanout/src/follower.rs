@@ -31,6 +31,12 @@ use crate::event::Event;
 use crate::hub::Hub;
 use crate::metrics;
 
+/// How long one of the follower's JetStream requests may take. They answer in
+/// milliseconds; in a cluster whose stream (or meta) leader was just lost they wait for
+/// a new one, and async-nats's default (5 s, sometimes more with its retries) made the
+/// follower lag the recovered cluster by up to 20 s (the e2e `cluster` test).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Whether the follower is currently following; read by `/readyz`.
 #[derive(Debug, Default)]
 pub struct FollowerStatus {

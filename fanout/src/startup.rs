@@ -67,9 +67,14 @@ impl Application {
         let js = async_nats::jetstream::new(client.clone());
         let hub = Hub::with_window_bytes(config.queue_capacity, config.replay_window, config.window_bytes);
         let status = Arc::new(FollowerStatus::default());
+        // The follower's JetStream requests (stream info, consumer create) take
+        // milliseconds on a healthy cluster and hang until the timeout while one elects a
+        // new leader: a short timeout lets it retry as soon as the cluster is back.
+        let mut follower_js = js.clone();
+        follower_js.set_timeout(crate::follower::REQUEST_TIMEOUT);
         let follower = Follower {
             client: client.clone(),
-            js: js.clone(),
+            js: follower_js,
             stream_name: config.nats.stream_name.clone(),
             subjects: config.nats.subject_prefix.clone(),
             hub: hub.clone(),

@@ -153,6 +153,11 @@ pub struct OutboxArgs {
     /// JetStream's duplicate window: a republish with the same event id within it is dropped.
     #[arg(long, env = "STREAM_DUPLICATE_WINDOW_SECS", default_value_t = 300)]
     pub stream_duplicate_window_secs: u64,
+    /// Copies JetStream keeps of the stream (1 to 5): 1 on a single NATS server, 3 in a
+    /// cluster of three, where the stream survives the loss of any one server. An
+    /// existing stream with another count is rescaled, or the refusal logged.
+    #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: u8,
 }
 
 /// `ingest serve`.

@@ -71,6 +71,7 @@ impl Application {
             subjects,
             max_age: Duration::from_secs(config.outbox.stream_max_age_secs),
             duplicate_window: Duration::from_secs(config.outbox.stream_duplicate_window_secs),
+            replicas: usize::from(config.outbox.stream_replicas),
         };
         let relay = Relay::new(db.clone(), nats.clone(), stream, config.outbox.clone(), wake_relay);
         tasks.spawn(relay.run(stop_background.clone()));

@@ -173,3 +173,132 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// A JetStream cluster of nats-servers of a test's own, as processes (no Docker):
+/// client and route ports free ones, a store each under one temp directory, server
+/// names `n1`, `n2`, ..., cluster `relay-test`. A test can kill any of them (a stream's
+/// leader, say) with SIGKILL.
+pub struct NatsCluster {
+    pub nodes: Vec<ClusterNode>,
+    dir: PathBuf,
+}
+
+/// One server of a [`NatsCluster`].
+pub struct ClusterNode {
+    pub name: String,
+    pub port: u16,
+    /// HTTP monitoring (`/jsz`, `/routez`).
+    pub monitor_port: u16,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl NatsCluster {
+    /// Starts `size` servers routed to each other and waits until JetStream answers
+    /// (its meta leader is elected) and every server is part of its meta group.
+    pub async fn start(size: usize) -> Self {
+        let binary = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned());
+        let dir = std::env::temp_dir().join(format!("nats-cluster-{}", Uuid::new_v4().simple()));
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let route_urls =
+            routes.iter().map(|port| format!("nats://127.0.0.1:{port}")).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::with_capacity(size);
+        for (i, route) in routes.iter().enumerate() {
+            let (name, port, monitor_port) = (format!("n{}", i + 1), free_port(), free_port());
+            let child = Command::new(&binary)
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n", &name])
+                .args(["-m", &monitor_port.to_string()])
+                .arg("-sd")
+                .arg(dir.join(&name))
+                .args(["--cluster_name", "relay-test", "--cluster", &format!("nats://127.0.0.1:{route}")])
+                .args(["--routes", &route_urls])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {binary} (set NATS_SERVER_BIN): {e}"));
+            nodes.push(ClusterNode { name, port, monitor_port, child: Some(child) });
+        }
+        let cluster = Self { nodes, dir };
+        cluster.wait_ready(size).await;
+        cluster
+    }
+
+    /// Every running server's URL, comma-separated, as `NATS_URL` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes.iter().filter(|n| n.is_running()).map(ClusterNode::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Kills the server named `name` with SIGKILL (its store stays).
+    pub fn kill(&mut self, name: &str) {
+        let node =
+            self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no server {name}"));
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits (30 s at most) until JetStream answers through the cluster and its meta
+    /// group has `size` members, all current.
+    async fn wait_ready(&self, size: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let why = match self.meta_group().await {
+                Ok(members) if members >= size => return,
+                Ok(members) => format!("{members} of {size} servers in the meta group"),
+                Err(e) => e,
+            };
+            assert!(tokio::time::Instant::now() < deadline, "the NATS cluster did not form in 30 s: {why}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// How many servers the JetStream meta group has (the leader and its current
+    /// peers), from the meta leader's monitoring `/jsz` (only the leader lists peers).
+    async fn meta_group(&self) -> Result<usize, String> {
+        let jsz = |node: &ClusterNode| {
+            let url = format!("http://127.0.0.1:{}/jsz", node.monitor_port);
+            async move {
+                let answer = reqwest::get(&url).await.map_err(|e| format!("{url}: {e}"))?;
+                answer.json::<serde_json::Value>().await.map_err(|e| format!("{url}: {e}"))
+            }
+        };
+        let any = self.nodes.iter().find(|n| n.is_running()).ok_or("no server running")?;
+        let leader = jsz(any).await?["meta_cluster"]["leader"].as_str().unwrap_or("").to_owned();
+        let leader = self
+            .nodes
+            .iter()
+            .find(|n| n.name == leader && n.is_running())
+            .ok_or_else(|| format!("no JetStream meta leader yet ({leader:?})"))?;
+        let meta = jsz(leader).await?;
+        let current = meta["meta_cluster"]["replicas"]
+            .as_array()
+            .map_or(0, |peers| peers.iter().filter(|p| p["current"].as_bool() == Some(true)).count());
+        Ok(current + 1)
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -209,3 +209,72 @@ async fn the_binary_stops_within_a_second_on_sigterm_as_pid_1() {
     .unwrap();
     assert!(took.is_some(), "ingest ignored SIGTERM as PID 1");
 }
+
+/// A 404 is the client's business: the binary logs it at debug (the request's trace
+/// line), never as a warning or an error, for an unknown path and an unknown chat alike.
+#[tokio::test]
+async fn a_404_is_logged_at_debug_never_as_a_warning_or_an_error() {
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let database = testkit::create_database("ingest").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let _stream = testkit::StreamGuard::new(testkit::nats_url(), format!("TEST_{id}"));
+    let child = Command::new(env!("CARGO_BIN_EXE_ingest"))
+        .env_clear()
+        .env("RUST_LOG", "info,tower_http=debug")
+        .env("LOG_FORMAT", "json")
+        .args([
+            "serve".to_owned(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--webhook-secret={}", crate::helpers::WEBHOOK_SECRET),
+            format!("--jwt-secret={}", crate::helpers::JWT_SECRET),
+            format!("--database-url={}", database.url),
+            format!("--nats-url={}", testkit::nats_url()),
+            format!("--stream-name=TEST_{id}"),
+            format!("--subject-prefix=test{id}.events"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ingest runs");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !reqwest::get(format!("{base}/readyz")).await.is_ok_and(|r| r.status().is_success()) {
+        assert!(tokio::time::Instant::now() < deadline, "ingest not ready within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = shared::claims::JwtKeys::new(&secrecy::SecretString::from(crate::helpers::JWT_SECRET)).issue(
+        "ana",
+        vec!["*".to_owned()],
+        Duration::from_secs(60),
+    );
+    let client = reqwest::Client::new();
+    for path in ["/no-such-page", "/api/chats/chat_unknown/messages"] {
+        let answer = client.get(format!("{base}{path}")).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(answer.status(), 404, "{path}");
+    }
+    let mut child = child;
+    // Give the trace lines a moment to be written, then stop it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<serde_json::Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let about_404: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l.to_string().contains("404") || l["status"] == 404).collect();
+    assert!(about_404.len() >= 2, "each 404 has its debug line: {log}");
+    for line in about_404 {
+        assert_eq!(line["level"], "DEBUG", "a 404 logged above debug: {line}");
+    }
+    let in_a_request = |line: &&serde_json::Value| {
+        line["spans"].as_array().is_some_and(|spans| spans.iter().any(|s| s["name"] == "request"))
+    };
+    let requests: Vec<&serde_json::Value> = lines.iter().filter(in_a_request).collect();
+    assert!(!requests.is_empty(), "request spans are logged: {log}");
+    for line in requests {
+        let level = line["level"].as_str().unwrap_or("");
+        assert!(!["WARN", "ERROR"].contains(&level), "a warning or error while answering 404s: {line}");
+    }
+}

@@ -168,6 +168,53 @@ async fn a_body_over_the_limit_is_413() {
     assert_eq!(app.count("select count(*) from messages").await, 0);
 }
 
+/// A client that keeps sending after the 413 (a raw socket, not an HTTP library that
+/// stops at the first answer) reads it. A server that closes a socket with unread input
+/// makes its kernel answer with a reset, and a reset lets the client's stack throw away
+/// what it had received and not yet read (RFC 9293 §3.10.7.4: Windows does, and so does
+/// any stack when the reset overtakes the answer): the client sees ECONNRESET or EOF and
+/// no status line. So the server must close lingering (RFC 9112 §9.6): answer, stop
+/// writing, read and discard for a bounded while, and only then close. The client sees
+/// the 413, no reset while it sends the rest of what it declared, and a clean end.
+#[tokio::test]
+async fn a_client_still_sending_an_oversized_body_reads_the_413_and_is_not_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = spawn_app().await;
+    let length: usize = 1_150_000;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let head = format!(
+        "POST {MESSAGES} HTTP/1.1\r\nHost: 127.0.0.1\r\nUnipile-Auth: {WEBHOOK_SECRET}\r\n\
+         Content-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // Past the 1 MiB limit at once (the server answers 413 there), then the rest of the
+    // declared body in small pieces with pauses, as a client on a slower link would.
+    let first = 1024 * 1024 + 16 * 1024;
+    tcp.write_all(&vec![b'x'; first]).await.unwrap();
+    let mut sent = first;
+    let mut reset = None;
+    while sent < length {
+        let piece = (length - sent).min(4096);
+        if let Err(error) = tcp.write_all(&vec![b'x'; piece]).await {
+            reset = Some(error);
+            break;
+        }
+        sent += piece;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer)).await.expect("the server closes");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        reset.is_none(),
+        "reset while still sending, after {sent} of {length} bytes ({reset:?}); read {answer:?}"
+    );
+    assert!(read.is_ok(), "the connection ends cleanly after the answer, not with {read:?}; read {answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    assert_eq!(app.count("select count(*) from messages").await, 0);
+}
+
 #[tokio::test]
 async fn unread_counts_only_messages_from_others() {
     let app = spawn_app().await;
