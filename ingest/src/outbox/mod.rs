@@ -10,6 +10,13 @@
 //! replica publishes at a time (keeping per-chat order in the stream) and reads its
 //! rows `for update skip locked`. A row published twice (a crash between the ack and
 //! the mark) is dropped by JetStream's duplicate window.
+//!
+//! With `OUTBOX_PUBLISH_AFTER_COMMIT` (the default) the rows do not wait for a round:
+//! the writer that commits them hands them to the [`handoff`] publisher in process,
+//! which publishes them as soon as the commit is known, and the relay above stays the
+//! recovery path (crashes, outages, anything the publisher could not send).
+
+pub mod handoff;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,15 +157,15 @@ fn abridge(value: &mut serde_json::Value, max_bytes: usize, max_items: usize) ->
 }
 
 /// Writes events to the outbox inside the caller's transaction, in the given order,
-/// each made to fit `limits` (see [`fit`]).
+/// each made to fit `limits` (see [`fit`]); returns the rows written, in that order.
 pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
     subjects: &Subjects,
     limits: &EventLimits,
     events: &mut [Envelope],
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<handoff::Row>, sqlx::Error> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let subject_names: Vec<String> =
@@ -168,16 +175,26 @@ pub async fn enqueue(
     if cut > 0 {
         crate::metrics::events_truncated(cut);
     }
-    sqlx::query(
+    let written: Vec<(i64, Uuid)> = sqlx::query_as(
         "insert into outbox (event_id, subject, payload)
-         select * from unnest($1::uuid[], $2::text[], $3::bytea[])",
+         select * from unnest($1::uuid[], $2::text[], $3::bytea[])
+         returning id, event_id",
     )
-    .bind(ids)
-    .bind(subject_names)
-    .bind(payloads)
-    .execute(&mut **tx)
+    .bind(&ids[..])
+    .bind(&subject_names[..])
+    .bind(&payloads[..])
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(())
+    let row_ids: std::collections::HashMap<Uuid, i64> = written.into_iter().map(|(id, e)| (e, id)).collect();
+    Ok(ids
+        .into_iter()
+        .zip(subject_names)
+        .zip(payloads)
+        .filter_map(|((event_id, subject), payload)| {
+            let id = *row_ids.get(&event_id)?;
+            Some(handoff::Row { id, event_id, subject, payload: payload.into() })
+        })
+        .collect())
 }
 
 #[derive(sqlx::FromRow)]
@@ -239,7 +256,7 @@ impl Relay {
     }
 
     /// Runs until `stop` is cancelled, then makes one last round.
-    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> anyhow::Result<()> {
         let mut sweep = tokio::time::interval(Duration::from_millis(self.args.outbox_sweep_ms.max(10)));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stream_ready = false;
@@ -261,7 +278,7 @@ impl Relay {
             }
             if stream_ready {
                 match self.drain().await {
-                    Ok(()) => failures = 0,
+                    Ok(_) => failures = 0,
                     Err(e) => {
                         failures += 1;
                         crate::metrics::publish_round_failed();
@@ -291,18 +308,20 @@ impl Relay {
         }
     }
 
-    /// Publishes rounds until the outbox is empty or another replica is at it.
-    async fn drain(&self) -> anyhow::Result<()> {
+    /// Publishes rounds until the outbox is empty (`true`: every row committed before
+    /// the last round began is published or parked) or another replica is at it
+    /// (`false`).
+    pub(crate) async fn drain(&self) -> anyhow::Result<bool> {
         let mut busy_rounds = 0;
         loop {
             match self.round().await? {
                 Round::Published(n) if n as i64 >= self.args.outbox_batch => continue,
-                Round::Published(_) => return Ok(()),
+                Round::Published(_) => return Ok(true),
                 Round::Busy if busy_rounds < 20 => {
                     busy_rounds += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Round::Busy => return Ok(()),
+                Round::Busy => return Ok(false),
             }
         }
     }
