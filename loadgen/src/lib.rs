@@ -17,6 +17,9 @@
 //!   WebSocket clients; reports events/s in, frames/s out and delivery latency.
 //! - `resume`: a reconnect storm: many clients that missed the same events reconnect
 //!   at once with `?since=`; reports catch-up time, outcomes and exactness.
+//! - `nats-ws`: the peer, nats-server's own WebSocket listener, measured like `idle`
+//!   and `broadcast` (memory per connection, delivery latency); `scripts/bench-peers.sh`
+//!   runs it beside fanout.
 //! - `floor`: the same fan-out done by the bare kernel (blocking writes to loopback TCP
 //!   sockets, read by one epoll loop): the floor `broadcast` is measured against.
 //!
@@ -25,6 +28,7 @@
 pub mod broadcast;
 pub mod floor;
 pub mod idle;
+pub mod nats_ws;
 pub mod poison;
 pub mod publish;
 pub mod report;
@@ -57,6 +61,9 @@ pub enum Command {
     /// Write one small message at a time to many loopback TCP sockets, with no
     /// WebSocket or runtime in the way: the floor under `broadcast`'s latency.
     Floor(floor::Args),
+    /// nats-server's own WebSocket listener, measured as `idle` and `broadcast` measure
+    /// fanout: the peer to compare with.
+    NatsWs(nats_ws::Args),
     /// Post realistic message_received webhooks to ingest at a fixed rate.
     Webhooks(webhooks::Args),
     /// Clean webhooks with a share of poisoned ones, checked end to end through fanout:
@@ -77,6 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Broadcast(args) => broadcast::run(args).await,
         Command::Resume(args) => resume::run(args).await,
         Command::Floor(args) => tokio::task::spawn_blocking(move || floor::run(args)).await?,
+        Command::NatsWs(args) => nats_ws::run(args).await,
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::Poison(args) => poison::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
