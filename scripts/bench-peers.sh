@@ -8,8 +8,10 @@
 #   (2) nats-server's own WebSocket listener (a server of this script's own, no
 #       JetStream), clients speaking the NATS protocol over WebSocket, events published
 #       with core NATS;
-#   (3) Sockudo (a Pusher-protocol server), only when SOCKUDO_BIN names its binary:
-#       `cargo install sockudo --root /work/.cache/sockudo`. Not measured otherwise.
+#   (3) Sockudo (a Pusher-protocol server): loadgen has no Pusher client yet, so it is
+#       only reported whether SOCKUDO_BIN names a binary
+#       (`cargo install sockudo --root /work/.cache/sockudo`);
+#   (4) the kernel floor (`loadgen floor --senders 2`), for fanout's ratio to it.
 #
 #   cargo build --release -p fanout -p loadgen
 #   scripts/bench-peers.sh
@@ -81,6 +83,10 @@ echo "--- one event a second to $CONNECTIONS connections, 15 events"
 echo "--- 1,000 events/s to 100 subscribers, 10 s"
 "$BIN/loadgen" --threads 1 nats-ws "${nats_ws[@]}" --connections 100 --rate 1000 --events 10000
 kill "$nats_pid"
+
+echo
+echo "=== (4) the kernel floor: the same one-event fan-out to $CONNECTIONS loopback sockets, 2 writing threads"
+"$BIN/loadgen" floor --connections "$CONNECTIONS" --senders 2 --events 15
 
 echo
 if [[ -n "${SOCKUDO_BIN:-}" && -x "${SOCKUDO_BIN}" ]]; then
