@@ -174,7 +174,7 @@ impl Publisher {
         {
             return false;
         }
-        let drained = match self.relay.drain().await {
+        let drained = match self.relay.drain(Duration::ZERO).await {
             Ok(emptied) => emptied,
             Err(e) => {
                 tracing::debug!(error = format!("{e:#}"), "draining before publishing failed");

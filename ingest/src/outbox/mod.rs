@@ -39,6 +39,10 @@ use shared::stream::{StreamSpec, ensure_stream};
 const PUBLISH_LOCK: i64 = 0x6f7574626f78;
 /// How often published rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// With the handoff on, the sweeper leaves rows younger than this to it: the handoff
+/// marks its rows within milliseconds, and a sweep that read them too would publish
+/// each one twice (JetStream drops the repeat, but both sides do the work).
+const HANDOFF_SETTLE: Duration = Duration::from_secs(1);
 
 /// Room left in a NATS message for the subject, headers and protocol line.
 const HEADROOM: usize = 1024;
@@ -277,7 +281,13 @@ impl Relay {
                 }
             }
             if stream_ready {
-                match self.drain().await {
+                // The timer's sweeps leave the handoff its newest rows; a wake-up (no
+                // handoff) or the last round takes everything.
+                let settle = match (swept && !stopping, self.args.outbox_publish_after_commit) {
+                    (true, true) => HANDOFF_SETTLE,
+                    _ => Duration::ZERO,
+                };
+                match self.drain(settle).await {
                     Ok(_) => failures = 0,
                     Err(e) => {
                         failures += 1;
@@ -310,11 +320,12 @@ impl Relay {
 
     /// Publishes rounds until the outbox is empty (`true`: every row committed before
     /// the last round began is published or parked) or another replica is at it
-    /// (`false`).
-    pub(crate) async fn drain(&self) -> anyhow::Result<bool> {
+    /// (`false`). With a `settle` time, only the rows up to the newest one older than
+    /// it (by id, so a chat's older rows always come with its newer ones).
+    pub(crate) async fn drain(&self, settle: Duration) -> anyhow::Result<bool> {
         let mut busy_rounds = 0;
         loop {
-            match self.round().await? {
+            match self.round(settle).await? {
                 Round::Published(n) if n as i64 >= self.args.outbox_batch => continue,
                 Round::Published(_) => return Ok(true),
                 Round::Busy if busy_rounds < 20 => {
@@ -329,7 +340,7 @@ impl Relay {
     /// One round: lock, read a page of unpublished rows, publish, await acks, then
     /// record each row's fate, whatever became of the others: acked rows are marked
     /// published even when later ones failed, so they are never sent again.
-    async fn round(&self) -> anyhow::Result<Round> {
+    async fn round(&self, settle: Duration) -> anyhow::Result<Round> {
         let mut tx = self.pool.begin().await.context("starting outbox round")?;
         let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
             .bind(PUBLISH_LOCK)
@@ -338,14 +349,28 @@ impl Relay {
         if !locked {
             return Ok(Round::Busy);
         }
-        let rows: Vec<Pending> = sqlx::query_as(
-            "select id, event_id, subject, payload, attempts, created_at from outbox
-             where published_at is null and parked_at is null
-             order by id limit $1 for update skip locked",
-        )
-        .bind(self.args.outbox_batch)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<Pending> = if settle.is_zero() {
+            sqlx::query_as(
+                "select id, event_id, subject, payload, attempts, created_at from outbox
+                 where published_at is null and parked_at is null
+                 order by id limit $1 for update skip locked",
+            )
+            .bind(self.args.outbox_batch)
+            .fetch_all(&mut *tx)
+            .await?
+        } else {
+            sqlx::query_as(
+                "select id, event_id, subject, payload, attempts, created_at from outbox
+                 where published_at is null and parked_at is null
+                   and id <= coalesce((select max(id) from outbox
+                                       where created_at < now() - make_interval(secs => $2)), 0)
+                 order by id limit $1 for update skip locked",
+            )
+            .bind(self.args.outbox_batch)
+            .bind(settle.as_secs_f64())
+            .fetch_all(&mut *tx)
+            .await?
+        };
         if rows.is_empty() {
             return Ok(Round::Published(0));
         }
