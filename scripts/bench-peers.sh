@@ -10,7 +10,8 @@
 #       with core NATS;
 #   (3) Sockudo (a Pusher-protocol server): loadgen has no Pusher client yet, so it is
 #       only reported whether SOCKUDO_BIN names a binary
-#       (`cargo install sockudo --root /work/.cache/sockudo`);
+#       (`apt-get install protobuf-compiler`, its build needs protoc, then
+#       `cargo install sockudo --root /work/.cache/sockudo`);
 #   (4) the kernel floor (`loadgen floor --senders 2`), for fanout's ratio to it.
 #
 #   cargo build --release -p fanout -p loadgen
