@@ -21,6 +21,8 @@ pub struct Event {
     pub occurred_at_ms: Option<i64>,
     /// The JSON text frame, validated as UTF-8 once.
     pub text: Utf8Bytes,
+    /// When this replica took it from the stream (or its window was filled with it).
+    pub received: std::time::Instant,
 }
 
 /// Why a stream message was not turned into an event.
@@ -65,7 +67,14 @@ impl Event {
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.timestamp_millis());
         let text = Utf8Bytes::try_from(Bytes::from(stamped)).map_err(|_| Skip::Utf8)?;
-        Ok(Self { seq, account_id: parts.account_id, chat_id: parts.chat_id, occurred_at_ms, text })
+        Ok(Self {
+            seq,
+            account_id: parts.account_id,
+            chat_id: parts.chat_id,
+            occurred_at_ms,
+            text,
+            received: std::time::Instant::now(),
+        })
     }
 
     /// Seconds from `occurred_at` to now, when the event carries one.

@@ -221,6 +221,12 @@ impl Follower {
                         continue;
                     }
                     pos.last = seq;
+                    if self.hub.is_started() {
+                        // Live events only, not those read to fill the window.
+                        let stored_ns = info.published.unix_timestamp_nanos();
+                        let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as i128;
+                        metrics::stream_lag((now_ns - stored_ns).max(0) as f64 / 1e9);
+                    }
                     match Event::from_stream(&self.subjects, &message.subject, &message.payload, seq) {
                         Ok(event) => self.hub.publish(Arc::new(event)),
                         Err(skip) => {

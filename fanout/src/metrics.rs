@@ -19,6 +19,10 @@
 //! - `fanout_history_waiting` (gauge): resumes waiting for a turn to read JetStream
 //!   (a reconnect storm reaching past the window queues here).
 //! - `fanout_delivery_lag_seconds` (histogram): write time minus `occurred_at`.
+//! - `fanout_stream_lag_seconds` (histogram): JetStream's stored time of an event to
+//!   the follower taking it (the stream stage of the end-to-end time).
+//! - `fanout_write_seconds` (histogram): the follower taking an event to its frame
+//!   flushed to a client's socket, one sample per frame (the fan-out stage).
 //! - `fanout_follower_restarts_total{reason}`: consumer recreations.
 //! - `fanout_follower_ready` (gauge): 1 while following the stream.
 //! - `fanout_presence_frames_total{outcome}` (counter): client `typing`/`viewing`
@@ -41,6 +45,8 @@ struct Handles {
     events_in: Counter,
     frames_out: Counter,
     lag: Histogram,
+    stream_lag: Histogram,
+    write: Histogram,
 }
 
 fn handles() -> &'static Handles {
@@ -50,6 +56,8 @@ fn handles() -> &'static Handles {
         events_in: counter!("fanout_events_in_total"),
         frames_out: counter!("fanout_frames_out_total"),
         lag: histogram!("fanout_delivery_lag_seconds"),
+        stream_lag: histogram!("fanout_stream_lag_seconds"),
+        write: histogram!("fanout_write_seconds"),
     })
 }
 
@@ -75,6 +83,18 @@ pub fn frames_out(n: u64) {
 
 pub fn delivery_lag(seconds: f64) {
     handles().lag.record(seconds);
+}
+
+pub fn stream_lag(seconds: f64) {
+    handles().stream_lag.record(seconds);
+}
+
+/// Frames flushed `took` after the follower took their events.
+pub fn written(took: impl Iterator<Item = std::time::Duration>) {
+    let write = &handles().write;
+    for took in took {
+        write.record(took.as_secs_f64());
+    }
 }
 
 /// An upgrade refused before it began (`fanout_refused_total{reason}`).

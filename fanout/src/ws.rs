@@ -307,6 +307,7 @@ impl Connection {
         let socket = &mut self.socket;
         let write = async {
             let mut frames = 0u64;
+            let mut sent = Vec::new();
             let now_ms = chrono::Utc::now().timestamp_millis();
             for event in events {
                 if event.seq <= *covered {
@@ -319,6 +320,7 @@ impl Connection {
                 };
                 if wanted {
                     socket.feed(Message::Text(event.text.clone())).await?;
+                    sent.push(event.received);
                     frames += 1;
                     if let Some(lag) = event.lag_seconds(now_ms) {
                         metrics::delivery_lag(lag);
@@ -328,6 +330,7 @@ impl Connection {
             if frames > 0 {
                 socket.flush().await?;
                 metrics::frames_out(frames);
+                metrics::written(sent.iter().map(|received| received.elapsed()));
             }
             Ok(())
         };

@@ -130,6 +130,12 @@ impl BatchArgs {
 /// The outbox relay and the JetStream stream it publishes to.
 #[derive(Debug, Clone, Args)]
 pub struct OutboxArgs {
+    /// Publish each commit's events right after it, in process (the outbox stays the
+    /// recovery path). `false`: the relay reads every event back from the outbox, one
+    /// replica at a time in id order (strict per-chat order across several replicas
+    /// committing the same chat within milliseconds, at a few ms more per event).
+    #[arg(long, env = "OUTBOX_PUBLISH_AFTER_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub outbox_publish_after_commit: bool,
     /// How often the sweeper looks for events a crash or an outage left unpublished.
     #[arg(long, env = "OUTBOX_SWEEP_MS", default_value_t = 1000)]
     pub outbox_sweep_ms: u64,

@@ -16,7 +16,11 @@
 //!
 //! Outbox:
 //! - `outbox_published_total` (counter), `outbox_publish_lag_seconds` (histogram,
-//!   commit to JetStream ack), `outbox_publish_errors_total` (counter: failed rounds).
+//!   the start of the transaction that wrote the event to JetStream's ack),
+//!   `outbox_publish_errors_total` (counter: failed rounds).
+//! - `outbox_handoff_total{outcome}` (counter): rows handed over in process at commit
+//!   (`published`; `left_to_relay`: not published by the handoff, the relay does it;
+//!   `queue_full`: batches not handed over).
 //! - `outbox_depth`, `outbox_parked` (gauges): rows waiting, rows set aside.
 //! - `outbox_parked_total{reason}` (counter): rows parked (`too_large`, `refused`).
 //! - `outbox_events_truncated_total` (counter): events cut to fit on NATS.
@@ -84,6 +88,12 @@ pub fn published(lags: impl Iterator<Item = Duration>) {
         n += 1;
     }
     counter!("outbox_published_total").increment(n);
+}
+
+pub fn handoff(outcome: &'static str, rows: usize) {
+    if rows > 0 {
+        counter!("outbox_handoff_total", "outcome" => outcome).increment(rows as u64);
+    }
 }
 
 pub fn parked(reason: String) {

@@ -21,9 +21,10 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::ServeConfig;
+use crate::outbox::handoff::Publisher;
 use crate::outbox::{Relay, Sizer};
 use crate::state::AppState;
-use crate::store::Batcher;
+use crate::store::{AfterCommit, Batcher};
 use crate::{api, health, inbound};
 use shared::stream::StreamSpec;
 
@@ -58,22 +59,27 @@ impl Application {
         let subjects = config.nats.subject_prefix.clone();
         let sizer = Sizer { text_max_bytes: config.outbox.event_text_max_bytes, nats: nats.clone() };
         tracing::info!(limits = ?sizer.limits(), "event size limits");
-        let batcher = Batcher::spawn(
-            db.clone(),
-            subjects.clone(),
-            sizer,
-            &config.batch,
-            wake_relay.clone(),
-            &mut tasks,
-        );
         let stream = StreamSpec {
             name: config.nats.stream_name.clone(),
-            subjects,
+            subjects: subjects.clone(),
             max_age: Duration::from_secs(config.outbox.stream_max_age_secs),
             duplicate_window: Duration::from_secs(config.outbox.stream_duplicate_window_secs),
             replicas: usize::from(config.outbox.stream_replicas),
         };
-        let relay = Relay::new(db.clone(), nats.clone(), stream, config.outbox.clone(), wake_relay);
+        let relay =
+            Arc::new(Relay::new(db.clone(), nats.clone(), stream, config.outbox.clone(), wake_relay.clone()));
+        let after_commit = if config.outbox.outbox_publish_after_commit {
+            let ack_timeout = Duration::from_millis(config.outbox.outbox_ack_timeout_ms);
+            let (handoff, publisher, marker) =
+                Publisher::new(db.clone(), nats.clone(), relay.clone(), ack_timeout);
+            tasks.spawn(publisher.run(stop_background.clone()));
+            tasks.spawn(marker.run(stop_background.clone()));
+            AfterCommit::Handoff(handoff)
+        } else {
+            AfterCommit::WakeRelay(wake_relay)
+        };
+        let batcher =
+            Batcher::spawn(db.clone(), subjects.clone(), sizer, &config.batch, after_commit, &mut tasks);
         tasks.spawn(relay.run(stop_background.clone()));
         if config.dead_letter_retention_days > 0 {
             let (db, days) = (db.clone(), config.dead_letter_retention_days.min(100_000) as i64);

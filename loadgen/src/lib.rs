@@ -20,6 +20,9 @@
 //! - `presence`: agents in teams typing and viewing while events flow; reports presence
 //!   traffic on core NATS per 1,000 agents and event delivery latency with presence
 //!   off, then on.
+//! - `nats-ws`: the peer, nats-server's own WebSocket listener, measured like `idle`
+//!   and `broadcast` (memory per connection, delivery latency); `scripts/bench-peers.sh`
+//!   runs it beside fanout.
 //! - `floor`: the same fan-out done by the bare kernel (blocking writes to loopback TCP
 //!   sockets, read by one epoll loop): the floor `broadcast` is measured against.
 //!
@@ -28,6 +31,7 @@
 pub mod broadcast;
 pub mod floor;
 pub mod idle;
+pub mod nats_ws;
 pub mod poison;
 pub mod presence;
 pub mod publish;
@@ -64,6 +68,9 @@ pub enum Command {
     /// Agents typing and viewing while events flow: presence traffic per 1,000 agents
     /// and the message path's latency with presence off, then on.
     Presence(presence::Args),
+    /// nats-server's own WebSocket listener, measured as `idle` and `broadcast` measure
+    /// fanout: the peer to compare with.
+    NatsWs(nats_ws::Args),
     /// Post realistic message_received webhooks to ingest at a fixed rate.
     Webhooks(webhooks::Args),
     /// Clean webhooks with a share of poisoned ones, checked end to end through fanout:
@@ -84,6 +91,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Broadcast(args) => broadcast::run(args).await,
         Command::Resume(args) => resume::run(args).await,
         Command::Floor(args) => tokio::task::spawn_blocking(move || floor::run(args)).await?,
+        Command::NatsWs(args) => nats_ws::run(args).await,
         Command::Webhooks(args) => webhooks::run(args).await,
         Command::Presence(args) => presence::run(args).await,
         Command::Poison(args) => poison::run(args).await,

@@ -96,7 +96,7 @@ impl Publisher {
 }
 
 /// Refuses a NATS URL whose host is not this machine.
-async fn nats_is_loopback(url: &str) -> anyhow::Result<()> {
+pub(crate) async fn nats_is_loopback(url: &str) -> anyhow::Result<()> {
     for server in url.split(',') {
         let authority = server.trim().split("://").last().unwrap_or_default();
         let authority = authority.rsplit('@').next().unwrap_or_default().trim_end_matches('/');

@@ -119,6 +119,55 @@ pub fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> 
     None
 }
 
+/// A histogram's cumulative buckets summed over all its label sets and over several
+/// pages (one per replica), by upper bound.
+pub fn summed_buckets(pages: &[&str], histogram: &str) -> Vec<(f64, f64)> {
+    let mut summed: Vec<(f64, f64)> = Vec::new();
+    for page in pages {
+        for sample in samples(page, &format!("{histogram}_bucket")) {
+            let Some(le) = sample.label("le").and_then(|le| le.parse::<f64>().ok()) else { continue };
+            match summed.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, n)) => *n += sample.value,
+                None => summed.push((le, sample.value)),
+            }
+        }
+    }
+    summed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    summed
+}
+
+/// A histogram's `_sum` and `_count` summed over label sets and pages.
+fn summed_total(pages: &[&str], histogram: &str) -> (f64, f64) {
+    let total = |suffix: &str| -> f64 {
+        pages.iter().flat_map(|p| samples(p, &format!("{histogram}{suffix}"))).map(|s| s.value).sum()
+    };
+    (total("_sum"), total("_count"))
+}
+
+/// `mean 1.2ms, p50 ≈ 0.9ms, p99 ≈ 4.1ms (n=1000)` for what a histogram (in seconds)
+/// counted between two sets of scrapes; percentiles are interpolated inside the
+/// buckets, so approximate. `None` when nothing was counted.
+pub fn stage_between(before: &[&str], after: &[&str], histogram: &str) -> Option<String> {
+    let (b, a) = (summed_buckets(before, histogram), summed_buckets(after, histogram));
+    let (sum_b, count_b) = summed_total(before, histogram);
+    let (sum_a, count_a) = summed_total(after, histogram);
+    let count = count_a - count_b;
+    if count <= 0.0 {
+        return None;
+    }
+    let ms = |q: f64| {
+        quantile_between(&b, &a, q).map_or("?".to_owned(), |(v, le)| {
+            if le.is_infinite() { format!("> {:.1}ms", v * 1000.0) } else { format!("{:.1}ms", v * 1000.0) }
+        })
+    };
+    Some(format!(
+        "mean {:.2}ms, p50 ≈ {}, p99 ≈ {} (n={count})",
+        (sum_a - sum_b) / count * 1000.0,
+        ms(0.5),
+        ms(0.99)
+    ))
+}
+
 /// CPU time a process has used so far, user and system, from `/proc/<pid>/stat`
 /// (`self` for this process).
 #[derive(Debug, Clone, Copy, Default)]

@@ -248,6 +248,7 @@ mod tests {
             chat_id: None,
             occurred_at_ms: None,
             text: Utf8Bytes::from(format!("{{\"seq\":{seq}}}")),
+            received: std::time::Instant::now(),
         })
     }
 

@@ -21,6 +21,7 @@ use super::{
     Outcome, StoreError, Write, accounts, chats, is_data_error, is_retryable, messages, replies, updates,
 };
 use crate::config::BatchArgs;
+use crate::outbox::handoff::Handoff;
 use crate::outbox::{self, EventLimits, Sizer};
 
 /// How many times a batch is retried after a deadlock or serialization failure.
@@ -37,15 +38,24 @@ pub struct Batcher {
     queue: mpsc::Sender<Job>,
 }
 
+/// Where a writer's committed events go next.
+#[derive(Clone)]
+pub enum AfterCommit {
+    /// Handed to the publisher in process (see [`crate::outbox::handoff`]).
+    Handoff(Handoff),
+    /// The relay is woken to read them from the outbox.
+    WakeRelay(Arc<Notify>),
+}
+
 impl Batcher {
-    /// Starts `args.batch_workers` writers in `tasks`. `published` is notified after
-    /// each commit that added outbox rows, so the relay publishes them at once.
+    /// Starts `args.batch_workers` writers in `tasks`; `after_commit` says how the
+    /// events of each commit reach JetStream.
     pub fn spawn(
         pool: PgPool,
         subjects: Subjects,
         sizer: Sizer,
         args: &BatchArgs,
-        published: Arc<Notify>,
+        after_commit: AfterCommit,
         tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> Self {
         let (queue, receiver) = mpsc::channel(args.batch_queue.max(1));
@@ -58,7 +68,7 @@ impl Batcher {
                 receiver: receiver.clone(),
                 max: args.batch_max_size.max(1),
                 window: args.window(),
-                published: published.clone(),
+                after_commit: after_commit.clone(),
             };
             tasks.spawn(async move {
                 writer.run().await;
@@ -87,7 +97,7 @@ struct Writer {
     receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
     max: usize,
     window: Duration,
-    published: Arc<Notify>,
+    after_commit: AfterCommit,
 }
 
 impl Writer {
@@ -110,8 +120,8 @@ impl Writer {
             let writes: Vec<&Write> = part.iter().map(|j| &j.write).collect();
             match self.commit_with_retries(&writes).await {
                 Ok((outcomes, events)) => {
-                    if events > 0 {
-                        self.published.notify_one();
+                    if let (AfterCommit::WakeRelay(relay), true) = (&self.after_commit, events > 0) {
+                        relay.notify_one();
                     }
                     for (job, outcome) in part.into_iter().zip(outcomes) {
                         let _ = job.reply.send(Ok(outcome));
@@ -145,12 +155,16 @@ impl Writer {
     /// [`commit`], retried after a deadlock or serialization failure.
     async fn commit_with_retries(&self, writes: &[&Write]) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
         let limits = self.sizer.limits();
-        let mut result = commit(&self.pool, &self.subjects, &limits, writes).await;
+        let handoff = match &self.after_commit {
+            AfterCommit::Handoff(handoff) => Some(handoff),
+            AfterCommit::WakeRelay(_) => None,
+        };
+        let mut result = commit(&self.pool, &self.subjects, &limits, handoff, writes).await;
         for _ in 0..RETRIES {
             match &result {
                 Err(e) if is_retryable(e) => {
                     tracing::debug!(error = %e, "retrying batch after a lock conflict");
-                    result = commit(&self.pool, &self.subjects, &limits, writes).await;
+                    result = commit(&self.pool, &self.subjects, &limits, handoff, writes).await;
                 }
                 _ => break,
             }
@@ -179,13 +193,16 @@ impl Writer {
 }
 
 /// Saves a batch in one transaction; returns each write's outcome and the number of
-/// events written to the outbox.
+/// events written to the outbox. With a `handoff`, the outbox rows are offered to it
+/// before the commit (the chats' locks still held) and confirmed after it.
 pub async fn commit(
     pool: &PgPool,
     subjects: &Subjects,
     limits: &EventLimits,
+    handoff: Option<&Handoff>,
     writes: &[&Write],
 ) -> Result<(Vec<Outcome>, usize), sqlx::Error> {
+    let began = tokio::time::Instant::now();
     let mut tx = pool.begin().await?;
     lock_chats(&mut tx, writes).await?;
     let mut outcomes = vec![Outcome::Ignored; writes.len()];
@@ -251,8 +268,12 @@ pub async fn commit(
     // Events leave in the order their deliveries were queued.
     events.sort_by_key(|(i, _)| *i);
     let mut envelopes: Vec<Envelope> = events.into_iter().map(|(_, e)| e).collect();
-    outbox::enqueue(&mut tx, subjects, limits, &mut envelopes).await?;
+    let rows = outbox::enqueue(&mut tx, subjects, limits, &mut envelopes).await?;
+    let offered = handoff.and_then(|handoff| handoff.offer(rows, began));
     tx.commit().await?;
+    if let Some(offered) = offered {
+        offered.committed();
+    }
     Ok((outcomes, envelopes.len()))
 }
 

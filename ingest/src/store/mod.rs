@@ -15,7 +15,7 @@ pub mod replies;
 pub mod updates;
 pub mod views;
 
-pub use batcher::Batcher;
+pub use batcher::{AfterCommit, Batcher};
 pub use messages::NewMessage;
 
 /// What became of one delivery; the webhook answers with it.

@@ -162,7 +162,7 @@ async fn receipts_for_several_chats_in_one_batch_lower_each_chat_once() {
     };
     let writes = [read(&in_first, CHAT), read(&in_second, "chat_second")];
     let (outcomes, events) =
-        commit(&app.db, &app.subjects, &Default::default(), &writes.iter().collect::<Vec<_>>())
+        commit(&app.db, &app.subjects, &Default::default(), None, &writes.iter().collect::<Vec<_>>())
             .await
             .expect("the batch commits");
     assert_eq!(outcomes, [Outcome::Accepted, Outcome::Accepted]);

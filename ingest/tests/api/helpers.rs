@@ -78,9 +78,11 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         format!("--nats-url={}", options.nats_url),
         format!("--stream-name={stream_name}"),
         format!("--subject-prefix={prefix}"),
-        "--outbox-sweep-ms=200".to_owned(),
         "--database-acquire-timeout-ms=1500".to_owned(),
     ];
+    if !options.extra_args.iter().any(|a| a.starts_with("--outbox-sweep-ms")) {
+        args.push("--outbox-sweep-ms=200".to_owned());
+    }
     args.extend(options.extra_args);
     let service = testkit::service::ingest(&args).await;
     let port = service.port;

@@ -160,7 +160,7 @@ async fn batcher(app: &TestApp) -> (Batcher, tokio::task::JoinSet<anyhow::Result
         app.subjects.clone(),
         sizer,
         &args,
-        Arc::new(Default::default()),
+        ingest::store::AfterCommit::WakeRelay(Arc::new(Default::default())),
         &mut tasks,
     );
     (batcher, tasks)

@@ -14,6 +14,7 @@ mod hostile;
 mod hostile_props;
 mod limits;
 mod outage;
+mod outbox;
 mod replies;
 mod rest;
 mod startup;

@@ -52,15 +52,17 @@ use crate::idle::{Target, Tokens, loopback_target, open_with_hello, source_addre
 use crate::report::{self, now_us};
 use crate::webhooks::{self, Answer, Ingest};
 use clients::{ClientLog, follow, lock};
-use summary::{Report, print_outbox_lag};
+use summary::{Report, fanout_metrics_url, print_outbox_lag, print_stages, scrape_all};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     ingest: Ingest,
-    /// WebSocket URL of one fanout replica; only loopback hosts are accepted.
-    #[arg(long, default_value = "ws://127.0.0.1:8001/ws/messages")]
-    ws_url: String,
+    /// WebSocket URL of each fanout replica, comma-separated (clients take them in
+    /// turn); only loopback hosts are accepted. Each replica's `/metrics` is read for
+    /// the per-stage breakdown.
+    #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:8001/ws/messages")]
+    ws_url: Vec<String>,
     /// JWT_SECRET of the relay, to sign the clients' token.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     jwt_secret: String,
@@ -111,27 +113,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.poison) {
         bail!("--poison is a share, 0..=1");
     }
+    if args.ws_url.is_empty() {
+        bail!("--ws-url names at least one fanout replica");
+    }
     let run = Arc::new(Run::new(args.accounts, args.chats));
-    let target = Target {
-        url: args.ws_url.clone(),
-        jwt_secret: args.jwt_secret.clone(),
-        accounts: run.account_ids(),
-        connections: args.clients,
-        source_ips: 1,
-        first_source: 1,
-        concurrency: args.clients,
-    };
-    let addr = loopback_target(&target.url).await?;
-    let tokens = Tokens::new(&target);
+    let mut replicas = Vec::with_capacity(args.ws_url.len());
+    for url in &args.ws_url {
+        let target = Target {
+            url: url.clone(),
+            jwt_secret: args.jwt_secret.clone(),
+            accounts: run.account_ids(),
+            connections: args.clients,
+            source_ips: 1,
+            first_source: 1,
+            concurrency: args.clients,
+        };
+        let addr = loopback_target(&target.url).await?;
+        replicas.push((Tokens::new(&target), target, addr));
+    }
+    let fanout_metrics: Vec<String> = args.ws_url.iter().map(|url| fanout_metrics_url(url)).collect();
     let mut logs = Vec::with_capacity(args.clients);
     let mut readers = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        let source = source_address(&target, i);
+        let (tokens, target, addr) = &replicas[i % replicas.len()];
+        let (source, addr) = (source_address(target, i), *addr);
         let url = tokens.url(i);
         let (ws, hello) = tokio::time::timeout(Duration::from_secs(10), open_with_hello(&url, source, addr))
             .await
             .context("timed out opening a WebSocket client")?
-            .with_context(|| format!("opening WebSocket client {i} to {}", args.ws_url))?;
+            .with_context(|| format!("opening WebSocket client {i} to {}", target.url))?;
         let log = Arc::new(Mutex::new(ClientLog::default()));
         lock(&log).hello(&hello);
         readers.push(tokio::spawn(follow(ws, url, source, addr, log.clone())));
@@ -141,6 +151,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let poster = args.ingest.poster(args.max_in_flight)?;
     let metrics_url = args.ingest.metrics_url();
     let metrics_before = report::scrape(&metrics_url).await;
+    let fanout_before = scrape_all(&fanout_metrics).await;
     let total = args.rate * args.duration;
     let sent = Arc::new(Mutex::new(Vec::<Sent>::with_capacity(total as usize)));
     println!(
@@ -150,7 +161,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         poster.endpoint,
         args.poison * 100.0,
         args.clients,
-        args.ws_url
+        args.ws_url.join(", ")
     );
     let outcome = webhooks::open_loop(args.rate, total, args.max_in_flight, |n, scheduled| {
         // The wall-clock time it was due: the clients stamp arrivals with the same clock.
@@ -185,6 +196,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(args.grace)).await;
     let metrics_after = report::scrape(&metrics_url).await;
+    let fanout_after = scrape_all(&fanout_metrics).await;
     for reader in &readers {
         reader.abort();
     }
@@ -196,6 +208,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("skipped (over --max-in-flight): {}", outcome.skipped);
     }
     print_outbox_lag(metrics_before.as_deref(), metrics_after.as_deref(), &metrics_url);
+    print_stages((metrics_before.as_deref(), metrics_after.as_deref()), (&fanout_before, &fanout_after));
     if !problems.is_empty() {
         bail!("check failed: {}", problems.join("; "));
     }

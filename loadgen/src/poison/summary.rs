@@ -249,3 +249,59 @@ pub(super) fn print_outbox_lag(before: Option<&str>, after: Option<&str>, url: &
         None => println!("outbox publish lag: no {METRIC} in {url}"),
     }
 }
+
+/// `http://host:port/metrics` of the fanout replica at a `ws://host:port/...` URL.
+pub(super) fn fanout_metrics_url(ws_url: &str) -> String {
+    let rest = ws_url.strip_prefix("ws://").unwrap_or(ws_url);
+    format!("http://{}/metrics", rest.split('/').next().unwrap_or_default())
+}
+
+/// Every page that could be read, in order.
+pub(super) async fn scrape_all(urls: &[String]) -> Vec<String> {
+    let mut pages = Vec::with_capacity(urls.len());
+    for url in urls {
+        if let Some(page) = report::scrape(url).await {
+            pages.push(page);
+        }
+    }
+    pages
+}
+
+/// Where the end-to-end time goes, stage by stage, from the services' own histograms
+/// over the run (bucket deltas between the scrapes before and after; fanout's summed
+/// over the replicas).
+pub(super) fn print_stages(ingest: (Option<&str>, Option<&str>), fanout: (&[String], &[String])) {
+    println!("per stage, from the services' histograms over the run (p50/p99 interpolated in buckets):");
+    let (ingest_before, ingest_after): (Vec<&str>, Vec<&str>) =
+        (ingest.0.into_iter().collect(), ingest.1.into_iter().collect());
+    let fanout_before: Vec<&str> = fanout.0.iter().map(String::as_str).collect();
+    let fanout_after: Vec<&str> = fanout.1.iter().map(String::as_str).collect();
+    let stages: [(&str, &str, &[&str], &[&str]); 5] = [
+        ("ack (ingest: request in to 200 out)", "webhook_ack_seconds", &ingest_before, &ingest_after),
+        ("commit (ingest: one group commit)", "ingest_batch_commit_seconds", &ingest_before, &ingest_after),
+        (
+            "publish (ingest: transaction start to JetStream ack)",
+            "outbox_publish_lag_seconds",
+            &ingest_before,
+            &ingest_after,
+        ),
+        (
+            "stream (fanout: stored in JetStream to taken by the follower)",
+            "fanout_stream_lag_seconds",
+            &fanout_before,
+            &fanout_after,
+        ),
+        (
+            "fanout write (fanout: taken to flushed to a client's socket)",
+            "fanout_write_seconds",
+            &fanout_before,
+            &fanout_after,
+        ),
+    ];
+    for (name, metric, before, after) in stages {
+        match report::stage_between(before, after, metric) {
+            Some(line) => println!("  {name}: {line}"),
+            None => println!("  {name}: nothing counted ({metric} not read)"),
+        }
+    }
+}

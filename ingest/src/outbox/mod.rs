@@ -10,6 +10,13 @@
 //! replica publishes at a time (keeping per-chat order in the stream) and reads its
 //! rows `for update skip locked`. A row published twice (a crash between the ack and
 //! the mark) is dropped by JetStream's duplicate window.
+//!
+//! With `OUTBOX_PUBLISH_AFTER_COMMIT` (the default) the rows do not wait for a round:
+//! the writer that commits them hands them to the [`handoff`] publisher in process,
+//! which publishes them as soon as the commit is known, and the relay above stays the
+//! recovery path (crashes, outages, anything the publisher could not send).
+
+pub mod handoff;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +39,10 @@ use shared::stream::{StreamSpec, ensure_stream};
 const PUBLISH_LOCK: i64 = 0x6f7574626f78;
 /// How often published rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// With the handoff on, the sweeper leaves rows younger than this to it: the handoff
+/// marks its rows within milliseconds, and a sweep that read them too would publish
+/// each one twice (JetStream drops the repeat, but both sides do the work).
+const HANDOFF_SETTLE: Duration = Duration::from_secs(1);
 
 /// Room left in a NATS message for the subject, headers and protocol line.
 const HEADROOM: usize = 1024;
@@ -150,15 +161,15 @@ fn abridge(value: &mut serde_json::Value, max_bytes: usize, max_items: usize) ->
 }
 
 /// Writes events to the outbox inside the caller's transaction, in the given order,
-/// each made to fit `limits` (see [`fit`]).
+/// each made to fit `limits` (see [`fit`]); returns the rows written, in that order.
 pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
     subjects: &Subjects,
     limits: &EventLimits,
     events: &mut [Envelope],
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<handoff::Row>, sqlx::Error> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let subject_names: Vec<String> =
@@ -168,16 +179,26 @@ pub async fn enqueue(
     if cut > 0 {
         crate::metrics::events_truncated(cut);
     }
-    sqlx::query(
+    let written: Vec<(i64, Uuid)> = sqlx::query_as(
         "insert into outbox (event_id, subject, payload)
-         select * from unnest($1::uuid[], $2::text[], $3::bytea[])",
+         select * from unnest($1::uuid[], $2::text[], $3::bytea[])
+         returning id, event_id",
     )
-    .bind(ids)
-    .bind(subject_names)
-    .bind(payloads)
-    .execute(&mut **tx)
+    .bind(&ids[..])
+    .bind(&subject_names[..])
+    .bind(&payloads[..])
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(())
+    let row_ids: std::collections::HashMap<Uuid, i64> = written.into_iter().map(|(id, e)| (e, id)).collect();
+    Ok(ids
+        .into_iter()
+        .zip(subject_names)
+        .zip(payloads)
+        .filter_map(|((event_id, subject), payload)| {
+            let id = *row_ids.get(&event_id)?;
+            Some(handoff::Row { id, event_id, subject, payload: payload.into() })
+        })
+        .collect())
 }
 
 #[derive(sqlx::FromRow)]
@@ -239,7 +260,7 @@ impl Relay {
     }
 
     /// Runs until `stop` is cancelled, then makes one last round.
-    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> anyhow::Result<()> {
         let mut sweep = tokio::time::interval(Duration::from_millis(self.args.outbox_sweep_ms.max(10)));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stream_ready = false;
@@ -260,8 +281,14 @@ impl Relay {
                 }
             }
             if stream_ready {
-                match self.drain().await {
-                    Ok(()) => failures = 0,
+                // The timer's sweeps leave the handoff its newest rows; a wake-up (no
+                // handoff) or the last round takes everything.
+                let settle = match (swept && !stopping, self.args.outbox_publish_after_commit) {
+                    (true, true) => HANDOFF_SETTLE,
+                    _ => Duration::ZERO,
+                };
+                match self.drain(settle).await {
+                    Ok(_) => failures = 0,
                     Err(e) => {
                         failures += 1;
                         crate::metrics::publish_round_failed();
@@ -291,18 +318,21 @@ impl Relay {
         }
     }
 
-    /// Publishes rounds until the outbox is empty or another replica is at it.
-    async fn drain(&self) -> anyhow::Result<()> {
+    /// Publishes rounds until the outbox is empty (`true`: every row committed before
+    /// the last round began is published or parked) or another replica is at it
+    /// (`false`). With a `settle` time, only the rows up to the newest one older than
+    /// it (by id, so a chat's older rows always come with its newer ones).
+    pub(crate) async fn drain(&self, settle: Duration) -> anyhow::Result<bool> {
         let mut busy_rounds = 0;
         loop {
-            match self.round().await? {
+            match self.round(settle).await? {
                 Round::Published(n) if n as i64 >= self.args.outbox_batch => continue,
-                Round::Published(_) => return Ok(()),
+                Round::Published(_) => return Ok(true),
                 Round::Busy if busy_rounds < 20 => {
                     busy_rounds += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Round::Busy => return Ok(()),
+                Round::Busy => return Ok(false),
             }
         }
     }
@@ -310,7 +340,7 @@ impl Relay {
     /// One round: lock, read a page of unpublished rows, publish, await acks, then
     /// record each row's fate, whatever became of the others: acked rows are marked
     /// published even when later ones failed, so they are never sent again.
-    async fn round(&self) -> anyhow::Result<Round> {
+    async fn round(&self, settle: Duration) -> anyhow::Result<Round> {
         let mut tx = self.pool.begin().await.context("starting outbox round")?;
         let locked: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
             .bind(PUBLISH_LOCK)
@@ -319,14 +349,28 @@ impl Relay {
         if !locked {
             return Ok(Round::Busy);
         }
-        let rows: Vec<Pending> = sqlx::query_as(
-            "select id, event_id, subject, payload, attempts, created_at from outbox
-             where published_at is null and parked_at is null
-             order by id limit $1 for update skip locked",
-        )
-        .bind(self.args.outbox_batch)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<Pending> = if settle.is_zero() {
+            sqlx::query_as(
+                "select id, event_id, subject, payload, attempts, created_at from outbox
+                 where published_at is null and parked_at is null
+                 order by id limit $1 for update skip locked",
+            )
+            .bind(self.args.outbox_batch)
+            .fetch_all(&mut *tx)
+            .await?
+        } else {
+            sqlx::query_as(
+                "select id, event_id, subject, payload, attempts, created_at from outbox
+                 where published_at is null and parked_at is null
+                   and id <= coalesce((select max(id) from outbox
+                                       where created_at < now() - make_interval(secs => $2)), 0)
+                 order by id limit $1 for update skip locked",
+            )
+            .bind(self.args.outbox_batch)
+            .bind(settle.as_secs_f64())
+            .fetch_all(&mut *tx)
+            .await?
+        };
         if rows.is_empty() {
             return Ok(Round::Published(0));
         }
