@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
 use super::cursor::Cursor;
-use super::{ErrorBody, page_limit};
+use super::{ErrorBody, next_page, page_limit};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::accounts::{ACCOUNT_COLUMNS, AccountRecord};
@@ -66,10 +66,6 @@ pub async fn list(
     .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
-    let next_cursor = (items.len() as i64 > limit).then(|| {
-        items.truncate(limit as usize);
-        let last = items.last().expect("a full page has a last item");
-        Cursor { at: None, id: last.id.clone() }.encode()
-    });
+    let next_cursor = next_page(&mut items, limit, |last| Cursor { at: None, id: last.id.clone() });
     Ok(Json(AccountPage { items, next_cursor }))
 }

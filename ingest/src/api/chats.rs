@@ -9,7 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
 use super::cursor::Cursor;
-use super::{ErrorBody, page_limit};
+use super::{ErrorBody, next_page, page_limit};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::Write;
@@ -82,11 +82,8 @@ pub async fn list(
     .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
-    let next_cursor = (items.len() as i64 > limit).then(|| {
-        items.truncate(limit as usize);
-        let last = items.last().expect("a full page has a last item");
-        Cursor { at: last.last_message_at, id: last.id.clone() }.encode()
-    });
+    let next_cursor =
+        next_page(&mut items, limit, |last| Cursor { at: last.last_message_at, id: last.id.clone() });
     Ok(Json(ChatPage { items, next_cursor }))
 }
 

@@ -98,6 +98,20 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
+/// Ends a keyset page read with `limit + 1` rows: cuts `items` to `limit` and, when
+/// there was more, returns the next page's cursor made from the last item kept.
+pub fn next_page<T>(
+    items: &mut Vec<T>,
+    limit: i64,
+    cursor: impl FnOnce(&T) -> cursor::Cursor,
+) -> Option<String> {
+    if items.len() as i64 <= limit {
+        return None;
+    }
+    items.truncate(limit as usize);
+    items.last().map(|last| cursor(last).encode())
+}
+
 /// The error body every failing call of both services answers with.
 pub use shared::errors::{ErrorBody, ErrorDetail};
 
