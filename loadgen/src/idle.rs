@@ -223,12 +223,9 @@ pub fn source_address(target: &Target, i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet.max(1))), 0)
 }
 
-/// Opens one client connection and reads its `hello`, which it returns as well.
-pub async fn open_with_hello(
-    url: &str,
-    source: SocketAddr,
-    addr: SocketAddr,
-) -> anyhow::Result<(Ws, String)> {
+/// A WebSocket client connection from `source` to `addr`, handshake done, with small
+/// buffers.
+pub async fn handshake(url: &str, source: SocketAddr, addr: SocketAddr) -> anyhow::Result<Ws> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(source).with_context(|| format!("binding {source}"))?;
     let stream = socket.connect(addr).await.context("connecting")?;
@@ -236,10 +233,20 @@ pub async fn open_with_hello(
     // tungstenite's default 128 KiB read and write buffers, zeroed on first use, cost
     // 10k connections over a gigabyte of page faults: the frames here are small.
     let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-    let (mut ws, _) =
+    let (ws, _) =
         tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), Some(config))
             .await
             .context("WebSocket handshake")?;
+    Ok(ws)
+}
+
+/// Opens one client connection and reads its `hello`, which it returns as well.
+pub async fn open_with_hello(
+    url: &str,
+    source: SocketAddr,
+    addr: SocketAddr,
+) -> anyhow::Result<(Ws, String)> {
+    let mut ws = handshake(url, source, addr).await?;
     match ws.next().await {
         Some(Ok(Message::Text(text))) if text.contains("\"hello\"") => Ok((ws, text.as_str().to_owned())),
         other => bail!("expected hello, got {other:?}"),

@@ -23,13 +23,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
-use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::idle::{Ws, loopback_target, rss_kib};
+use crate::idle::{Ws, handshake, loopback_target, rss_kib};
 use crate::publish::nats_is_loopback;
 use crate::report::{self, now_us};
 
@@ -180,15 +177,7 @@ async fn open(
     addr: SocketAddr,
     subject: &str,
 ) -> anyhow::Result<(Ws, Vec<u8>)> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(source).with_context(|| format!("binding {source}"))?;
-    let stream = socket.connect(addr).await.context("connecting")?;
-    stream.set_nodelay(true)?;
-    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), Some(config))
-            .await
-            .context("WebSocket handshake")?;
+    let mut ws = handshake(url, source, addr).await?;
     let hello = format!(
         "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"name\":\"loadgen\"}}\r\nSUB {subject} 1\r\nPING\r\n"
     );
